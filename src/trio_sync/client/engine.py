@@ -1,0 +1,358 @@
+"""The client's one long-lived nursery: watcher, event listener and transfer workers.
+
+Data flows one way: watcher / event stream → PathQueue → worker: scan (local) + index (base) +
+remote state → `decide` → Transfer. Nothing else changes files or the index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from functools import partial
+
+import trio
+
+from ..config import ClientConfig
+from ..core.reconcile import Action, Content, Side, decide
+from ..errors import (
+    AuthenticationFailed,
+    ChunksMissing,
+    Conflict,
+    InvalidPath,
+    LocalChanged,
+    ProtocolError,
+    RejectedByServer,
+    RemoteError,
+    ServerReset,
+    ServerUnavailable,
+)
+from ..protocol.models import FileEntry
+from ..protocol.paths import STATE_DIR_NAME, is_valid_path
+from ..protocol.sse import ServerSentEvent
+from .index import BaseEntry, Index, is_racy
+from .queue import PathQueue
+from .remote import Remote
+from .scanner import Scanner, Unsyncable
+from .transfer import Transfer
+from .watcher import watch
+
+log = logging.getLogger("trio_sync.client")
+
+#: Pause before looking again at a file that changed under us (it is probably still being written).
+RECHECK_DELAY = 0.2
+
+
+class Engine:
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self.root = config.root
+        self.state_dir = config.root / STATE_DIR_NAME
+        self.queue = PathQueue()
+        #: The server's current version of every path we know of (tombstones included).
+        self.remote_state: dict[str, FileEntry] | None = None
+        #: The newest revision we have seen; the event stream resumes after it.
+        self.cursor = 0
+        #: Paths whose last attempt failed for a reason retrying will not fix; reported by --once.
+        self.failed: dict[str, str] = {}
+        self._warned: set[str] = set()
+        self._io = trio.CapacityLimiter(4)
+        self._index: Index | None = None
+        self._scanner = Scanner(self.root, self._io)
+
+    @property
+    def index(self) -> Index:
+        assert self._index is not None, "engine is not open"
+        return self._index
+
+    @asynccontextmanager
+    async def _opened(self) -> AsyncIterator[None]:
+        tmp = self.state_dir / "tmp"
+
+        def prepare() -> None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash: never complete files
+            tmp.mkdir(parents=True, exist_ok=True)
+
+        await trio.to_thread.run_sync(prepare)
+        self._index = await Index.open(self.state_dir / "state.db")
+        try:
+            yield
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._index.aclose()
+                await trio.to_thread.run_sync(partial(shutil.rmtree, tmp, ignore_errors=True))
+
+    def _remote(self) -> Remote:
+        c = self.config
+        return Remote(c.server_url, c.token, c.name, stream_idle_timeout=c.stream_idle_timeout)
+
+    def _transfer(self, remote: Remote) -> Transfer:
+        tmp = self.state_dir / "tmp"
+        return Transfer(self.root, tmp, self.index, remote, self._io, self.config.name)
+
+    # -- the two modes ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Live mode: sync, then follow both sides until cancelled. Reconnects with backoff.
+
+        Signals readiness after the first full reconcile. Raises AuthenticationFailed.
+        """
+        ready: Callable[[], None] = task_status.started
+        attempt = 0
+        async with self._opened():
+            while True:
+                try:
+                    async with self._remote() as remote, _single_error():
+                        await self._connect(remote)
+                        async with trio.open_nursery() as nursery:
+                            await nursery.start(
+                                partial(
+                                    watch,
+                                    self.root,
+                                    self._on_local_change,
+                                    debounce_ms=self.config.debounce_ms,
+                                )
+                            )
+                            await nursery.start(self._listen, remote)
+                            self._start_workers(nursery, remote)
+                            await self._mark_all()
+                            await self.queue.wait_idle()
+                            log.info("in sync with %s", self.config.server_url)
+                            attempt = 0
+                            ready()
+                            ready = _nothing
+                except (ServerUnavailable, ServerReset) as e:
+                    cap = min(self.config.backoff_max, self.config.backoff_initial * 2**attempt)
+                    delay = cap / 2 + random.uniform(0, cap / 2)
+                    attempt += 1
+                    log.warning("lost the server (%s); retrying in %.1f s", e, delay)
+                    await trio.sleep(delay)
+
+    async def sync_once(self) -> list[str]:
+        """One full reconcile both ways. Returns what is still out of sync (empty: all agree)."""
+        async with self._opened(), self._remote() as remote:
+            async with _single_error():
+                await self._connect(remote, relist=True)
+                async with trio.open_nursery() as nursery:
+                    self._start_workers(nursery, remote)
+                    await self._mark_all()
+                    await self.queue.wait_idle()
+                    nursery.cancel_scope.cancel()
+                await self._connect(remote, relist=True)
+            return await self._differences()
+
+    # -- connection ---------------------------------------------------------------------------
+
+    async def _connect(self, remote: Remote, *, relist: bool = False) -> None:
+        info = await remote.info()
+        server_id = info["server_id"]
+        known = self.index.meta("server_id")
+        if known != server_id:
+            if known is not None:
+                log.warning(
+                    "the server's identity changed: forgetting sync history. Nothing is deleted;"
+                    " files that differ are kept as conflict copies"
+                )
+                await self.index.clear()
+            await self.index.set_meta("server_id", server_id)
+            self.remote_state = None
+        if self.remote_state is None or relist:
+            listed_id, rev, entries = await remote.list_files()
+            if listed_id != server_id:
+                raise ServerReset("server identity changed during connect")
+            self.remote_state, self.cursor = entries, rev
+            log.info("server has %d files (rev %d)", len(entries), rev)
+
+    async def _listen(
+        self, remote: Remote, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        started = False
+
+        async def on_event(event: ServerSentEvent) -> None:
+            nonlocal started
+            try:
+                data = json.loads(event.data)
+            except ValueError:
+                raise ProtocolError(f"event with invalid JSON: {event.data[:200]!r}") from None
+            if event.event == "hello":
+                if not isinstance(data, dict) or data.get("server_id") != self.index.meta(
+                    "server_id"
+                ):
+                    raise ServerReset("the server's identity changed")
+                if not started:
+                    started = True
+                    task_status.started()
+            elif event.event == "change":
+                try:
+                    entry = FileEntry.from_json(data)
+                except InvalidPath as e:
+                    log.warning("ignoring a change for an unsafe path: %s", e)
+                    return
+                self._learn(entry)
+                self.cursor = max(self.cursor, entry.rev)
+
+        await remote.listen(self.cursor, on_event)
+
+    def _learn(self, entry: FileEntry) -> None:
+        assert self.remote_state is not None
+        known = self.remote_state.get(entry.path)
+        if known is not None and known.rev >= entry.rev:
+            return
+        self.remote_state[entry.path] = entry
+        self.queue.mark(entry.path)
+
+    # -- finding work ---------------------------------------------------------------------------
+
+    async def _mark_all(self) -> None:
+        assert self.remote_state is not None
+        paths = set(await self._scanner.walk())
+        paths.update(self.index.paths())
+        paths.update(p for p, e in self.remote_state.items() if not e.deleted)
+        self.queue.mark_many(sorted(paths))
+
+    async def _on_local_change(self, paths: set[str]) -> None:
+        changed = {p for p in paths if is_valid_path(p)}
+        self.queue.mark_many(changed)
+        # A folder moved or deleted is one event for the folder: look at everything under it.
+        self.queue.mark_many(await self._scanner.walk(*changed))
+        for known in self.index.paths():
+            parts = known.split("/")
+            if any("/".join(parts[:i]) in changed for i in range(1, len(parts))):
+                self.queue.mark(known)
+
+    # -- doing the work ---------------------------------------------------------------------
+
+    def _start_workers(self, nursery: trio.Nursery, remote: Remote) -> None:
+        transfer = self._transfer(remote)
+        for _ in range(self.config.workers):
+            nursery.start_soon(self._worker, transfer)
+
+    async def _worker(self, transfer: Transfer) -> None:
+        while True:
+            path = await self.queue.get()
+            try:
+                await self._sync_path(transfer, path)
+            finally:
+                self.queue.done(path)
+
+    async def _sync_path(self, transfer: Transfer, path: str) -> None:
+        assert self.remote_state is not None
+        try:
+            await self._apply(transfer, path)
+            self.failed.pop(path, None)
+        except Conflict as conflict:
+            # Someone else got there first: learn the server's version and decide again.
+            if conflict.current is not None:
+                self.remote_state[path] = conflict.current
+            else:
+                self.remote_state.pop(path, None)
+            self.queue.mark(path)
+        except (LocalChanged, ChunksMissing) as e:
+            log.info("%s: %s; looking again", path, e)
+            await trio.sleep(RECHECK_DELAY)
+            self.queue.mark(path)
+        except Unsyncable as e:
+            if path not in self._warned:
+                self._warned.add(path)
+                log.warning("skipping %s", e)
+        except (OSError, InvalidPath, ProtocolError, RejectedByServer) as e:
+            log.error("%s: %s", path, e)
+            self.failed[path] = str(e)
+
+    async def _apply(self, transfer: Transfer, path: str) -> None:
+        assert self.remote_state is not None
+        base = self.index.get(path)
+        local = await self._scanner.scan(path, base)
+        remote = self.remote_state.get(path)
+        if remote is not None and remote.deleted:
+            remote = None
+        decision = decide(
+            base.side if base else None,
+            local.content if local else None,
+            Side(remote.rev, Content(remote.hash, remote.executable)) if remote else None,
+        )
+        action, why = decision.action, decision.reason
+        if action is Action.NOTHING:
+            if base is not None and local is not None and base.racy:
+                await self.index.put(replace(base, racy=is_racy(local.stat.mtime_ns)))
+        elif action is Action.ADOPT:
+            assert remote is not None
+            assert local is not None
+            await self.index.put(BaseEntry.synced(remote, local.stat, we_wrote_it=False))
+        elif action is Action.FORGET:
+            await self.index.remove(path)
+        elif action is Action.UPLOAD:
+            assert local is not None
+            self.remote_state[path] = await transfer.upload(local, decision.base_rev)
+            log.info("uploaded %s (%s, %d bytes)", path, why, local.stat.size)
+        elif action is Action.DELETE_REMOTE:
+            self.remote_state[path] = await transfer.delete_remote(path, decision.base_rev)
+            log.info("deleted %s on the server (%s)", path, why)
+        elif action is Action.DOWNLOAD:
+            assert remote is not None
+            await transfer.download(remote, local)
+            log.info("downloaded %s (%s, %d bytes)", path, why, remote.size)
+        elif action is Action.DELETE_LOCAL:
+            assert local is not None
+            await transfer.delete_local(path, local)
+            log.info("deleted %s locally (%s)", path, why)
+        elif action is Action.CONFLICT:
+            assert local is not None
+            assert remote is not None
+            copy = await transfer.set_aside(local)
+            log.warning("conflict on %s (%s): your version is kept as %s", path, why, copy)
+            self.queue.mark(copy)
+            await transfer.download(remote, None)
+            log.info("downloaded %s (the server's version)", path)
+
+    async def _differences(self) -> list[str]:
+        assert self.remote_state is not None
+        live = {p: e for p, e in self.remote_state.items() if not e.deleted}
+        problems = [f"{path}: {message}" for path, message in sorted(self.failed.items())]
+        for path in sorted(set(await self._scanner.walk()) | set(live)):
+            try:
+                local = await self._scanner.scan(path, self.index.get(path))
+            except (Unsyncable, LocalChanged):
+                continue
+            remote = live.get(path)
+            if local is None and remote is not None:
+                problems.append(f"{path}: only on the server")
+            elif remote is None and local is not None:
+                problems.append(f"{path}: only in the local folder")
+            elif local and remote and local.content != Content(remote.hash, remote.executable):
+                problems.append(f"{path}: differs from the server")
+        return problems
+
+
+def _nothing() -> None:
+    pass
+
+
+@asynccontextmanager
+async def _single_error() -> AsyncIterator[None]:
+    """Nurseries group errors; callers here decide on one. Prefer the fatal one, then any
+    RemoteError (several workers often see the same outage at once)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        flat = _flatten(group)
+        for kind in (AuthenticationFailed, ServerReset, RemoteError):
+            for error in flat:
+                if isinstance(error, kind):
+                    raise error from group
+        raise
+
+
+def _flatten(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            out.extend(_flatten(error))
+        else:
+            out.append(error)
+    return out

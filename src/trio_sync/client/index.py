@@ -1,0 +1,160 @@
+"""The client's memory of the last synced state of every path (the "base" of the three-way merge).
+
+SQLite in the state folder, mirrored in a dict: reads are free, writes go through to disk in the
+same step as the file operation they record, so a restart resumes without re-transferring.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..core.reconcile import Content, Side
+from ..protocol.models import Chunk, FileEntry
+
+#: A stat cache entry recorded within this long of the file's mtime is "racy": a same-size write in
+#: the same timestamp tick would not show in the stat, so such an entry is re-hashed before trusted.
+RACY_WINDOW_NS = 2_000_000_000
+
+
+def is_racy(mtime_ns: int) -> bool:
+    return mtime_ns >= time.time_ns() - RACY_WINDOW_NS
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS base (
+    path TEXT PRIMARY KEY,
+    rev INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    chunks TEXT NOT NULL,
+    executable INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    inode INTEGER NOT NULL,
+    racy INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StatKey:
+    """What we compare to decide whether a file may have changed without reading it."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+    executable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BaseEntry:
+    path: str
+    rev: int
+    hash: str
+    size: int
+    chunks: tuple[Chunk, ...]
+    executable: bool
+    mtime_ns: int
+    inode: int
+    racy: bool
+
+    @property
+    def side(self) -> Side:
+        return Side(self.rev, Content(self.hash, self.executable))
+
+    @property
+    def stat_key(self) -> StatKey:
+        return StatKey(self.size, self.mtime_ns, self.inode, self.executable)
+
+    @classmethod
+    def synced(cls, entry: FileEntry, stat: StatKey, *, we_wrote_it: bool) -> BaseEntry:
+        """The base after a sync. A file we wrote ourselves carries the server's mtime, which no
+        later write can reproduce, so its stat is trustworthy at once."""
+        return cls(
+            path=entry.path,
+            rev=entry.rev,
+            hash=entry.hash,
+            size=entry.size,
+            chunks=entry.chunks,
+            executable=entry.executable,
+            mtime_ns=stat.mtime_ns,
+            inode=stat.inode,
+            racy=not we_wrote_it and is_racy(stat.mtime_ns),
+        )
+
+
+class Index:
+    def __init__(
+        self, conn: sqlite3.Connection, entries: dict[str, BaseEntry], meta: dict[str, str]
+    ):
+        self._conn = conn
+        self._entries = entries
+        self._meta = meta
+        self._limiter = trio.CapacityLimiter(1)
+
+    @classmethod
+    async def open(cls, path: Path) -> Index:
+        def _open() -> Index:
+            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SCHEMA)
+            entries = {}
+            for row in conn.execute("SELECT * FROM base"):
+                p, rev, h, size, chunks, ex, mtime, inode, racy = row
+                entries[p] = BaseEntry(
+                    p, rev, h, size, tuple(Chunk(*c) for c in json.loads(chunks)), bool(ex),
+                    mtime, inode, bool(racy),
+                )  # fmt: skip
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            return cls(conn, entries, meta)
+
+        return await trio.to_thread.run_sync(_open)
+
+    async def _run(self, sql: str, params: tuple[Any, ...] = ()) -> None:
+        await trio.to_thread.run_sync(self._conn.execute, sql, params, limiter=self._limiter)
+
+    def get(self, path: str) -> BaseEntry | None:
+        return self._entries.get(path)
+
+    def paths(self) -> list[str]:
+        return list(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def put(self, entry: BaseEntry) -> None:
+        chunks = json.dumps([[c.hash, c.size] for c in entry.chunks])
+        await self._run(
+            "INSERT OR REPLACE INTO base VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                entry.path, entry.rev, entry.hash, entry.size, chunks, int(entry.executable),
+                entry.mtime_ns, entry.inode, int(entry.racy),
+            ),
+        )  # fmt: skip
+        self._entries[entry.path] = entry
+
+    async def remove(self, path: str) -> None:
+        await self._run("DELETE FROM base WHERE path = ?", (path,))
+        self._entries.pop(path, None)
+
+    async def clear(self) -> None:
+        await self._run("DELETE FROM base")
+        self._entries.clear()
+
+    def meta(self, key: str) -> str | None:
+        return self._meta.get(key)
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self._run("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+        self._meta[key] = value
+
+    async def aclose(self) -> None:
+        await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)

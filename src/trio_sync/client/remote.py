@@ -1,0 +1,185 @@
+"""The server as the client sees it: one httpx client, every endpoint of docs/protocol.md, and the
+one place where httpx errors and HTTP status codes become our exceptions."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, NoReturn
+
+import httpx
+
+from ..errors import (
+    AuthenticationFailed,
+    ChunksMissing,
+    Conflict,
+    InvalidPath,
+    ProtocolError,
+    RejectedByServer,
+    ServerUnavailable,
+)
+from ..protocol.models import MAX_CHUNK_SIZE, MAX_HASHES_PER_QUERY, CommitRequest, FileEntry
+from ..protocol.sse import ServerSentEvent, SSEParser
+
+CLIENT_HEADER = "X-Trio-Sync-Client"
+
+
+class Remote:
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        name: str,
+        *,
+        stream_idle_timeout: float = 45.0,
+    ) -> None:
+        self._client = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers={
+                "Authorization": f"Bearer {token}",
+                CLIENT_HEADER: name,
+                "User-Agent": "trio-sync",
+            },
+            timeout=httpx.Timeout(60.0, connect=10.0),
+            limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
+        )
+        self._stream_timeout = httpx.Timeout(10.0, read=stream_idle_timeout)
+
+    async def __aenter__(self) -> Remote:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._client.aclose()
+
+    async def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = await self._client.request(method, url, **kwargs)
+        except httpx.TransportError as e:
+            raise ServerUnavailable(f"{method} {url}: {e!r}") from e
+        if response.status_code >= 300:
+            _raise_for_status(response)
+        return response
+
+    async def info(self) -> dict[str, Any]:
+        data = _json((await self._request("GET", "/info")).content)
+        if not isinstance(data, dict) or not isinstance(data.get("server_id"), str):
+            raise ProtocolError("/info: no server_id")
+        return data
+
+    async def list_files(self) -> tuple[str, int, dict[str, FileEntry]]:
+        """Every live file on the server: (server_id, rev the listing starts from, entries)."""
+        entries: dict[str, FileEntry] = {}
+        header: dict[str, Any] | None = None
+        try:
+            async with self._client.stream("GET", "/files") as response:
+                if response.status_code >= 300:
+                    await response.aread()
+                    _raise_for_status(response)
+                async for line in response.aiter_lines():
+                    if not line:
+                        continue
+                    data = _json(line.encode())
+                    if header is None:
+                        header = data
+                        continue
+                    entry = _entry(data)
+                    entries[entry.path] = entry
+        except httpx.TransportError as e:
+            raise ServerUnavailable(f"GET /files: {e!r}") from e
+        if header is None or not isinstance(header.get("rev"), int):
+            raise ProtocolError("/files: missing header line")
+        return str(header["server_id"]), int(header["rev"]), entries
+
+    async def missing(self, hashes: Iterable[str]) -> set[str]:
+        wanted = list(dict.fromkeys(hashes))
+        missing: set[str] = set()
+        for i in range(0, len(wanted), MAX_HASHES_PER_QUERY):
+            batch = wanted[i : i + MAX_HASHES_PER_QUERY]
+            response = await self._request("POST", "/chunks/missing", json={"hashes": batch})
+            missing.update(_json(response.content)["missing"])
+        return missing
+
+    async def put_chunk(self, hash: str, data: bytes) -> None:
+        await self._request(
+            "PUT", f"/chunks/{hash}", content=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )  # fmt: skip
+
+    async def get_chunk(self, hash: str, size: int) -> bytes:
+        """The chunk's bytes; the caller verifies the hash. Refuses more than *size* bytes."""
+        if size > MAX_CHUNK_SIZE:
+            raise ProtocolError(f"chunk of {size} bytes exceeds the limit")
+        try:
+            async with self._client.stream("GET", f"/chunks/{hash}") as response:
+                if response.status_code >= 300:
+                    await response.aread()
+                    _raise_for_status(response)
+                buf = bytearray()
+                async for piece in response.aiter_raw():
+                    buf += piece
+                    if len(buf) > size:
+                        raise ProtocolError(f"chunk {hash} is longer than announced")
+        except httpx.TransportError as e:
+            raise ServerUnavailable(f"GET /chunks/{hash}: {e!r}") from e
+        return bytes(buf)
+
+    async def commit(self, request: CommitRequest) -> FileEntry:
+        response = await self._request("POST", "/commit", json=request.to_json())
+        return _entry(_json(response.content).get("entry"))
+
+    async def listen(
+        self, cursor: int, on_event: Callable[[ServerSentEvent], Awaitable[None]]
+    ) -> None:
+        """Follow `/sync` from *cursor* until the stream ends (then raises ServerUnavailable)."""
+        parser = SSEParser()
+        headers = {"Accept": "text/event-stream", "Last-Event-ID": str(cursor)}
+        try:
+            async with self._client.stream(
+                "GET", "/sync", headers=headers, timeout=self._stream_timeout
+            ) as response:
+                if response.status_code >= 300:
+                    await response.aread()
+                    _raise_for_status(response)
+                async for piece in response.aiter_raw():
+                    for event in parser.feed(piece):
+                        await on_event(event)
+        except httpx.TransportError as e:
+            raise ServerUnavailable(f"event stream: {e!r}") from e
+        raise ServerUnavailable("the server closed the event stream")
+
+
+def _json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise ProtocolError(f"server sent invalid JSON: {raw[:200]!r}") from None
+
+
+def _entry(data: object) -> FileEntry:
+    try:
+        return FileEntry.from_json(data)
+    except InvalidPath as e:
+        raise ProtocolError(f"server sent an unsafe path: {e}") from None
+
+
+def _raise_for_status(response: httpx.Response) -> NoReturn:
+    status = response.status_code
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    message = str(body.get("message") or response.reason_phrase)
+    if status == 401:
+        raise AuthenticationFailed("the server rejected our token (401)")
+    if status == 409:
+        current = body.get("current")
+        entry = _entry(current) if current else None
+        path = entry.path if entry else str(body.get("path", "?"))
+        raise Conflict(path, entry)
+    if status == 422 and body.get("error") == "chunks_missing":
+        raise ChunksMissing(list(body.get("missing") or []))
+    if status >= 500:
+        raise ServerUnavailable(f"server error {status}: {message}")
+    raise RejectedByServer(status, message)

@@ -1,0 +1,148 @@
+"""What is on disk: walks the folder and describes files, hashing only those whose stat changed.
+
+Also the one place that maps a wire path to a local path without following symlinks.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from ..core.hashing import chunk_file
+from ..core.reconcile import Content
+from ..errors import LocalChanged, TrioSyncError
+from ..protocol.models import Chunk
+from ..protocol.paths import STATE_DIR_NAME, is_valid_path
+from .index import BaseEntry, StatKey
+
+log = logging.getLogger("trio_sync.client")
+
+#: How often a file that keeps changing while we hash it is re-read before we give up for now.
+HASH_ATTEMPTS = 3
+
+
+class Unsyncable(TrioSyncError):
+    """A path we deliberately leave alone (a symlink, a device, a path under a symlinked folder)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LocalFile:
+    path: str
+    stat: StatKey
+    hash: str
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def content(self) -> Content:
+        return Content(self.hash, self.stat.executable)
+
+
+def stat_key(st: os.stat_result) -> StatKey:
+    return StatKey(st.st_size, st.st_mtime_ns, st.st_ino, bool(st.st_mode & stat.S_IXUSR))
+
+
+def local_path(root: Path, path: str) -> Path:
+    """The local path for wire path *path*; raises Unsyncable if a parent folder is a symlink
+    or not a folder. Parents that do not exist are fine (the path is then simply absent)."""
+    current = root
+    for part in path.split("/")[:-1]:
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            break
+        if stat.S_ISLNK(st.st_mode):
+            raise Unsyncable(f"{path}: parent folder {part!r} is a symlink; not following it")
+        if not stat.S_ISDIR(st.st_mode):
+            raise Unsyncable(f"{path}: {part!r} is a file, not a folder")
+    return root / path
+
+
+class Scanner:
+    def __init__(self, root: Path, limiter: trio.CapacityLimiter) -> None:
+        self.root = root
+        self._limiter = limiter
+
+    async def scan(self, path: str, base: BaseEntry | None) -> LocalFile | None:
+        """Describe *path* on disk now: None if absent; Unsyncable if it is not a regular file."""
+        result: LocalFile | None = await trio.to_thread.run_sync(
+            self._scan, path, base, limiter=self._limiter
+        )
+        return result
+
+    def _scan(self, path: str, base: BaseEntry | None) -> LocalFile | None:
+        full = local_path(self.root, path)
+        for _ in range(HASH_ATTEMPTS):
+            try:
+                st = os.lstat(full)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            if stat.S_ISLNK(st.st_mode):
+                raise Unsyncable(f"{path}: symlinks are not synced")
+            if stat.S_ISDIR(st.st_mode):
+                return None
+            if not stat.S_ISREG(st.st_mode):
+                raise Unsyncable(f"{path}: not a regular file")
+            key = stat_key(st)
+            if base is not None and base.stat_key == key and not base.racy:
+                return LocalFile(path, key, base.hash, base.chunks)
+            try:
+                fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return None
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise Unsyncable(f"{path}: symlinks are not synced") from None
+                raise
+            try:
+                digest = chunk_file(fd)
+                after = stat_key(os.fstat(fd))
+            finally:
+                os.close(fd)
+            if after == key and digest.size == key.size:
+                return LocalFile(path, key, digest.hash, digest.chunks)
+        raise LocalChanged(f"{path}: still changing while being read")
+
+    async def walk(self, *unders: str) -> list[str]:
+        """Every regular file below the folders *unders* (wire paths; none: the whole folder).
+        A path that is not a folder contributes nothing."""
+        tops = unders or ("",)
+        result: list[str] = await trio.to_thread.run_sync(
+            lambda: [p for top in tops for p in self._walk(top)], limiter=self._limiter
+        )
+        return result
+
+    def _walk(self, under: str) -> list[str]:
+        top = self.root / under if under else self.root
+        found: list[str] = []
+        stack = [top]
+        while stack:
+            folder = stack.pop()
+            try:
+                entries = list(os.scandir(folder))
+            except (FileNotFoundError, NotADirectoryError, PermissionError) as e:
+                if folder == top:
+                    return found
+                log.warning("cannot read folder %s: %s", folder, e)
+                continue
+            for entry in entries:
+                rel = os.path.relpath(entry.path, self.root).replace(os.sep, "/")
+                if rel == STATE_DIR_NAME:
+                    continue
+                if unicodedata.normalize("NFC", rel) != rel or not is_valid_path(rel):
+                    log.warning("skipping %r: not a valid NFC UTF-8 name", rel)
+                    continue
+                if entry.is_symlink():
+                    log.warning("skipping %s: symlinks are not synced", rel)
+                elif entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    found.append(rel)
+        return found

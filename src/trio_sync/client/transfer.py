@@ -1,0 +1,246 @@
+"""Moves content between the folder and the server, and records each result in the index.
+
+Every local write is temp file (in the state folder) → fsync → hash verified → checked that the
+target is still what we decided on → rename. The index is updated right after the rename, so our
+own writes are recognised by stat, not by a clock.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TypeVar, TypeVarTuple, Unpack
+
+import trio
+
+from ..core.hashing import hash_bytes
+from ..errors import LocalChanged, ProtocolError
+from ..protocol.models import CommitRequest, FileEntry
+from .index import BaseEntry, Index, StatKey
+from .remote import Remote
+from .scanner import LocalFile, local_path, stat_key
+
+log = logging.getLogger("trio_sync.client")
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
+
+def _umask() -> int:
+    # Read without calling os.umask(), which would briefly change it for every thread.
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def conflict_name(path: str, client: str, when: datetime) -> str:
+    """`dir/report.docx` → `dir/report.sync-conflict-20261124-153012-laptop.docx`."""
+    folder, _, name = path.rpartition("/")
+    stem, dot, ext = name.rpartition(".")
+    if not stem:  # no extension, or a dotfile such as ".bashrc"
+        stem, dot, ext = name, "", ""
+    tag = f"sync-conflict-{when.strftime('%Y%m%d-%H%M%S')}-{client}"
+    new = f"{stem}.{tag}{dot}{ext}"
+    return f"{folder}/{new}" if folder else new
+
+
+class Transfer:
+    def __init__(
+        self,
+        root: Path,
+        tmp_dir: Path,
+        index: Index,
+        remote: Remote,
+        limiter: trio.CapacityLimiter,
+        client_name: str,
+    ) -> None:
+        self.root = root
+        self.tmp_dir = tmp_dir
+        self.index = index
+        self.remote = remote
+        self._limiter = limiter
+        self._name = client_name
+        self._umask = _umask()
+
+    async def _thread(self, fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> T:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    # -- towards the server -------------------------------------------------------------------
+
+    async def upload(self, local: LocalFile, base_rev: int) -> FileEntry:
+        missing = await self.remote.missing(c.hash for c in local.chunks)
+        full = local_path(self.root, local.path)
+        if missing:
+            fd = await self._thread(os.open, full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                offset = 0
+                for chunk in local.chunks:
+                    if chunk.hash in missing:
+                        data = await self._thread(
+                            _read_verified, fd, chunk.size, offset, chunk.hash
+                        )
+                        await self.remote.put_chunk(chunk.hash, data)
+                        missing.discard(chunk.hash)
+                    offset += chunk.size
+            finally:
+                os.close(fd)
+        # The content we sent is what we hashed; make sure the file still is, too.
+        if await self._thread(_stat_or_none, full) != local.stat:
+            raise LocalChanged(f"{local.path}: changed during upload")
+        entry = await self.remote.commit(
+            CommitRequest(
+                path=local.path,
+                base_rev=base_rev,
+                hash=local.hash,
+                size=local.stat.size,
+                chunks=local.chunks,
+                executable=local.stat.executable,
+                mtime_ns=local.stat.mtime_ns,
+            )
+        )
+        await self.index.put(BaseEntry.synced(entry, local.stat, we_wrote_it=False))
+        return entry
+
+    async def delete_remote(self, path: str, base_rev: int) -> FileEntry:
+        entry = await self.remote.commit(CommitRequest(path=path, base_rev=base_rev, deleted=True))
+        await self.index.remove(path)
+        return entry
+
+    # -- towards the folder -------------------------------------------------------------------
+
+    async def download(self, entry: FileEntry, expected: LocalFile | None) -> None:
+        """Make the local file *entry*'s content, if it is still *expected* (None: absent)."""
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        fd = await self._thread(
+            os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+        )
+        try:
+            try:
+                for chunk in entry.chunks:
+                    data = await self.remote.get_chunk(chunk.hash, chunk.size)
+                    await self._thread(_write_verified, fd, data, chunk.hash, chunk.size)
+                await self._thread(self._finish_file, fd, entry)
+            finally:
+                os.close(fd)
+            final = await self._thread(self._place, tmp, entry.path, expected)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_unlink_quietly, tmp)
+        await self.index.put(BaseEntry.synced(entry, final, we_wrote_it=True))
+
+    def _finish_file(self, fd: int, entry: FileEntry) -> None:
+        mode = 0o666 & ~self._umask
+        if entry.executable:
+            mode |= (mode & 0o444) >> 2  # x wherever r is allowed
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+        os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+
+    def _place(self, tmp: Path, path: str, expected: LocalFile | None) -> StatKey:
+        target = local_path(self.root, path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        local_path(self.root, path)  # re-check: mkdir must not have raced with a symlink
+        _check_unchanged(target, expected, path)
+        os.rename(tmp, target)
+        _fsync_dir(target.parent)
+        return stat_key(os.lstat(target))
+
+    async def delete_local(self, path: str, expected: LocalFile) -> None:
+        await self._thread(self._delete_local, path, expected)
+        await self.index.remove(path)
+
+    def _delete_local(self, path: str, expected: LocalFile) -> None:
+        target = local_path(self.root, path)
+        _check_unchanged(target, expected, path)
+        os.unlink(target)
+        # Remove the folders this deletion left empty, never the root itself.
+        folder = target.parent
+        while folder != self.root:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+            folder = folder.parent
+
+    async def set_aside(self, local: LocalFile) -> str:
+        """Rename the local file to a conflict copy next to it; returns the copy's wire path."""
+        result: str = await self._thread(self._set_aside, local)
+        return result
+
+    def _set_aside(self, local: LocalFile) -> str:
+        target = local_path(self.root, local.path)
+        _check_unchanged(target, local, local.path)
+        when = datetime.now(UTC)
+        candidate = conflict_name(local.path, self._name, when)
+        n = 1
+        while os.path.lexists(self.root / candidate):
+            n += 1
+            candidate = conflict_name(local.path, f"{self._name}-{n}", when)
+        os.rename(target, self.root / candidate)
+        return candidate
+
+
+def _read_verified(fd: int, size: int, offset: int, expected_hash: str) -> bytes:
+    data = os.pread(fd, size, offset)
+    if len(data) != size or hash_bytes(data) != expected_hash:
+        raise LocalChanged("file changed since it was hashed")
+    return data
+
+
+def _write_verified(fd: int, data: bytes, expected_hash: str, size: int) -> None:
+    if len(data) != size or hash_bytes(data) != expected_hash:
+        raise ProtocolError(f"chunk {expected_hash} arrived corrupted")
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _stat_or_none(path: Path) -> StatKey | None:
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return stat_key(st)
+
+
+def _check_unchanged(target: Path, expected: LocalFile | None, path: str) -> None:
+    """Refuse to replace or remove anything but the exact file the decision was made about."""
+    try:
+        st = os.lstat(target)
+    except (FileNotFoundError, NotADirectoryError):
+        if expected is None:
+            return
+        raise LocalChanged(f"{path}: vanished locally") from None
+    if expected is None or not stat.S_ISREG(st.st_mode) or stat_key(st) != expected.stat:
+        raise LocalChanged(f"{path}: changed locally meanwhile")
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            raise
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,47 @@
+"""Frozen configuration records, built by the CLI (or by tests) and read everywhere else."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "trio-sync" / "server"
+
+
+def default_client_name() -> str:
+    name = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())
+    return (name or "client")[:64]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token: str | None = None
+    #: Seconds between SSE keep-alive comments.
+    keepalive: float = 15.0
+    #: Seconds in-flight requests get to finish after SIGINT/SIGTERM.
+    graceful_timeout: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    root: Path
+    server_url: str
+    token: str
+    name: str
+    #: Parallel transfer workers.
+    workers: int = 4
+    #: Reconnect backoff: first delay and cap, in seconds (full jitter on top).
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    #: Watcher: how long to gather a burst of changes, in milliseconds.
+    debounce_ms: int = 200
+    #: The event stream is considered dead after this long without a byte (keep-alives are 15 s).
+    stream_idle_timeout: float = 45.0

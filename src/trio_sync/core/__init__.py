@@ -1,0 +1,1 @@
+"""Decisions and computations with no network and no event loop."""

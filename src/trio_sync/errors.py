@@ -1,0 +1,73 @@
+"""One exception tree for the whole package.
+
+Foreign errors (httpx, OSError from the network, sqlite3) are translated into these at one boundary
+each, so callers decide on *our* types: is this fatal, retryable, or a per-path problem?
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .protocol.models import FileEntry
+
+
+class TrioSyncError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InvalidPath(TrioSyncError, ValueError):
+    """A path that must never be read or written: absolute, `..`, control characters, ..."""
+
+
+class ProtocolError(TrioSyncError):
+    """The other side sent something that does not follow docs/protocol.md."""
+
+
+class RemoteError(TrioSyncError):
+    """Talking to the server failed."""
+
+
+class ServerUnavailable(RemoteError):
+    """Network trouble or a 5xx: worth retrying later."""
+
+
+class AuthenticationFailed(RemoteError):
+    """The server rejected our token. Retrying cannot help."""
+
+
+class RejectedByServer(RemoteError):
+    """A 4xx other than 401/409: the request itself is wrong."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"server answered {status}: {message}")
+        self.status = status
+
+
+class ServerReset(RemoteError):
+    """The server's identity changed under us (its data dir was replaced)."""
+
+
+class Conflict(RemoteError):
+    """Optimistic concurrency failed: the path moved on since our change's base revision."""
+
+    def __init__(self, path: str, current: FileEntry | None) -> None:
+        super().__init__(f"{path}: changed on the server since our base revision")
+        self.path = path
+        self.current = current
+
+
+class ChunksMissing(RemoteError):
+    """A commit named chunks the server does not hold."""
+
+    def __init__(self, missing: list[str]) -> None:
+        super().__init__(f"{len(missing)} chunk(s) missing on the server")
+        self.missing = missing
+
+
+class LocalChanged(TrioSyncError):
+    """The local file changed while we were working on it; look at it again."""
+
+
+class StoreError(TrioSyncError):
+    """The server's storage refused an operation (bad hash, bad size)."""

@@ -1,0 +1,187 @@
+"""Records that cross the wire, with their JSON form and validation.
+
+A file version is an ordered list of chunks. Each chunk is named by the BLAKE3-256 hash of its
+bytes; the file's content hash is BLAKE3 over the concatenated binary chunk digests, so the server
+can check a commit's hash from its chunk list without reading any content.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ProtocolError
+from .paths import check_path
+
+#: Files are cut into chunks of this size (the last one may be shorter).
+CHUNK_SIZE = 4 * 1024 * 1024
+#: The largest chunk the server accepts; leaves room for content-defined chunking later.
+MAX_CHUNK_SIZE = 16 * 1024 * 1024
+#: The most chunk hashes one `POST /chunks/missing` may ask about.
+MAX_HASHES_PER_QUERY = 10_000
+#: The most chunks one file version may have (MAX_CHUNKS * CHUNK_SIZE = 4 TiB).
+MAX_CHUNKS = 1_048_576
+#: Names sent in headers (client name) are bounded and printable.
+MAX_NAME_LEN = 64
+
+_HASH = re.compile(r"[0-9a-f]{64}")
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def check_hash(value: object) -> str:
+    if not isinstance(value, str) or not _HASH.fullmatch(value):
+        raise ProtocolError(f"not a content hash: {value!r}")
+    return value
+
+
+def check_name(value: object) -> str:
+    """Client names: letters, digits, `.`, `_`, `-`; they end up in file names and logs."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ProtocolError(f"client name must match [A-Za-z0-9._-]{{1,64}}: {value!r}")
+    return value
+
+
+def _int(data: dict[str, Any], key: str, *, minimum: int = 0) -> int:
+    value = data.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ProtocolError(f"{key!r} must be an integer >= {minimum}")
+    return value
+
+
+def _bool(data: dict[str, Any], key: str) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{key!r} must be a boolean")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    hash: str
+    size: int
+
+    def to_json(self) -> list[Any]:
+        return [self.hash, self.size]
+
+    @classmethod
+    def from_json(cls, data: object) -> Chunk:
+        if not isinstance(data, list) or len(data) != 2:
+            raise ProtocolError("a chunk is [hash, size]")
+        size = data[1]
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_CHUNK_SIZE:
+            raise ProtocolError(f"chunk size must be 1..{MAX_CHUNK_SIZE}")
+        return cls(check_hash(data[0]), size)
+
+
+def _chunks(data: dict[str, Any]) -> tuple[Chunk, ...]:
+    raw = data.get("chunks", [])
+    if not isinstance(raw, list) or len(raw) > MAX_CHUNKS:
+        raise ProtocolError("'chunks' must be a list")
+    return tuple(Chunk.from_json(c) for c in raw)
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """One version of one path on the server; `deleted` versions are tombstones."""
+
+    path: str
+    rev: int
+    deleted: bool = False
+    hash: str = ""
+    size: int = 0
+    chunks: tuple[Chunk, ...] = field(default=())
+    executable: bool = False
+    mtime_ns: int = 0
+    origin: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        if self.deleted:
+            return {"path": self.path, "rev": self.rev, "deleted": True, "origin": self.origin}
+        return {
+            "path": self.path,
+            "rev": self.rev,
+            "deleted": False,
+            "hash": self.hash,
+            "size": self.size,
+            "chunks": [c.to_json() for c in self.chunks],
+            "executable": self.executable,
+            "mtime_ns": self.mtime_ns,
+            "origin": self.origin,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> FileEntry:
+        if not isinstance(data, dict):
+            raise ProtocolError("a file entry is a JSON object")
+        path = check_path(data.get("path"))  # type: ignore[arg-type]
+        rev = _int(data, "rev", minimum=1)
+        origin = data.get("origin", "")
+        if not isinstance(origin, str):
+            raise ProtocolError("'origin' must be a string")
+        if _bool(data, "deleted"):
+            return cls(path=path, rev=rev, deleted=True, origin=origin)
+        chunks = _chunks(data)
+        return cls(
+            path=path,
+            rev=rev,
+            hash=check_hash(data.get("hash")),
+            size=_int(data, "size"),
+            chunks=chunks,
+            executable=_bool(data, "executable"),
+            mtime_ns=_int(data, "mtime_ns"),
+            origin=origin,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CommitRequest:
+    """`POST /commit`: make *path* hold this content (or a tombstone), if it is still at `base_rev`.
+
+    `base_rev` 0 means "I believe the path does not exist (or is deleted)".
+    """
+
+    path: str
+    base_rev: int
+    deleted: bool = False
+    hash: str = ""
+    size: int = 0
+    chunks: tuple[Chunk, ...] = ()
+    executable: bool = False
+    mtime_ns: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"path": self.path, "base_rev": self.base_rev}
+        if self.deleted:
+            out["deleted"] = True
+        else:
+            out.update(
+                hash=self.hash,
+                size=self.size,
+                chunks=[c.to_json() for c in self.chunks],
+                executable=self.executable,
+                mtime_ns=self.mtime_ns,
+            )
+        return out
+
+    @classmethod
+    def from_json(cls, data: object) -> CommitRequest:
+        if not isinstance(data, dict):
+            raise ProtocolError("a commit is a JSON object")
+        path = check_path(data.get("path"))  # type: ignore[arg-type]
+        base_rev = _int(data, "base_rev")
+        if _bool(data, "deleted"):
+            return cls(path=path, base_rev=base_rev, deleted=True)
+        chunks = _chunks(data)
+        size = _int(data, "size")
+        if size != sum(c.size for c in chunks):
+            raise ProtocolError("'size' is not the sum of the chunk sizes")
+        return cls(
+            path=path,
+            base_rev=base_rev,
+            hash=check_hash(data.get("hash")),
+            size=size,
+            chunks=chunks,
+            executable=_bool(data, "executable"),
+            mtime_ns=_int(data, "mtime_ns"),
+        )

@@ -1,0 +1,1 @@
+"""The server: storage, change hub, HTTP app, and the Hypercorn runner."""

@@ -1,0 +1,217 @@
+"""HTTP routes: each validates its input, calls the stores, and shapes the answer; nothing else.
+
+The contract is docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from ..errors import Conflict, InvalidPath, ProtocolError, StoreError
+from ..protocol.models import (
+    MAX_CHUNK_SIZE,
+    MAX_HASHES_PER_QUERY,
+    CommitRequest,
+    check_hash,
+    check_name,
+)
+from ..protocol.sse import format_comment, format_event
+from .auth import check_bearer
+from .hub import ChangeHub
+from .store import BlobStore, MetaStore
+
+log = logging.getLogger("trio_sync.server")
+
+CLIENT_HEADER = "X-Trio-Sync-Client"
+LIST_PAGE = 1000
+EVENT_PAGE = 500
+#: Room for a commit's chunk list (about 200,000 chunks) as well as one chunk.
+MAX_BODY = MAX_CHUNK_SIZE + 1024 * 1024
+
+
+def _error(status: int, code: str, message: str, **extra: Any) -> Response:
+    body = json.dumps({"error": code, "message": message, **extra})
+    return Response(body, status=status, mimetype="application/json")
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(json.dumps(data), status=status, mimetype="application/json")
+
+
+async def _json_body() -> Any:
+    raw = await request.get_data()
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError("request body is not valid JSON") from None
+
+
+def _client_name() -> str:
+    raw = request.headers.get(CLIENT_HEADER)
+    if raw is None:
+        return "unknown"
+    return check_name(raw)
+
+
+def _cursor() -> int | None:
+    raw = request.headers.get("Last-Event-ID") or request.args.get("cursor")
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit() or len(raw) > 19:
+        raise ProtocolError(f"cursor must be a non-negative integer: {raw!r}")
+    return int(raw)
+
+
+def create_app(
+    meta: MetaStore,
+    blobs: BlobStore,
+    hub: ChangeHub,
+    token: str,
+    *,
+    server_id: str,
+    keepalive: float = 15.0,
+) -> QuartTrio:
+    app = QuartTrio("trio_sync")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    app.config["BODY_TIMEOUT"] = 120
+    app.config["RESPONSE_TIMEOUT"] = 300
+
+    @app.before_request
+    async def authenticate() -> Response | None:
+        if check_bearer(request.headers.get("Authorization"), token):
+            return None
+        response = _error(401, "unauthorized", "missing or wrong bearer token")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="trio-sync"'
+        return response
+
+    @app.errorhandler(InvalidPath)
+    @app.errorhandler(ProtocolError)
+    async def bad_request(error: Exception) -> Response:
+        return _error(400, "bad_request", str(error))
+
+    @app.errorhandler(StoreError)
+    async def rejected(error: Exception) -> Response:
+        return _error(422, "rejected", str(error))
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        return _error(error.code or 500, "http_error", error.description or str(error))
+
+    @app.get("/info")
+    async def info() -> Response:
+        return _json(
+            {
+                "server_id": server_id,
+                "rev": hub.latest_rev,
+                "clients": sorted(hub.subscribers.values()),
+            }
+        )
+
+    @app.get("/files")
+    async def list_files() -> Response:
+        latest = hub.latest_rev  # read before listing: later changes reach the client as events
+
+        async def lines() -> AsyncIterator[bytes]:
+            yield (json.dumps({"server_id": server_id, "rev": latest}) + "\n").encode()
+            after = ""
+            while True:
+                page = await meta.list_current(after, LIST_PAGE)
+                for entry in page:
+                    yield (json.dumps(entry.to_json()) + "\n").encode()
+                if len(page) < LIST_PAGE:
+                    return
+                after = page[-1].path
+
+        response = Response(lines(), mimetype="application/x-ndjson")
+        response.timeout = None
+        return response
+
+    @app.post("/chunks/missing")
+    async def missing_chunks() -> Response:
+        body = await _json_body()
+        hashes = body.get("hashes") if isinstance(body, dict) else None
+        if not isinstance(hashes, list) or len(hashes) > MAX_HASHES_PER_QUERY:
+            raise ProtocolError(f"'hashes' must be a list of at most {MAX_HASHES_PER_QUERY}")
+        wanted = list(dict.fromkeys(check_hash(h) for h in hashes))
+        return _json({"missing": await blobs.missing(wanted)})
+
+    @app.put("/chunks/<hash>")
+    async def put_chunk(hash: str) -> Response:
+        check_hash(hash)
+        data = await request.get_data(as_text=False)
+        assert isinstance(data, bytes)
+        if len(data) > MAX_CHUNK_SIZE:
+            return _error(413, "too_large", f"a chunk is at most {MAX_CHUNK_SIZE} bytes")
+        await blobs.put(hash, data)
+        return _json({"stored": hash}, status=201)
+
+    @app.get("/chunks/<hash>")
+    async def get_chunk(hash: str) -> Response:
+        data = await blobs.get(check_hash(hash))
+        if data is None:
+            return _error(404, "not_found", f"no chunk {hash}")
+        return Response(data, mimetype="application/octet-stream")
+
+    @app.post("/commit")
+    async def commit() -> Response:
+        origin = _client_name()
+        req = CommitRequest.from_json(await _json_body())
+        if not req.deleted:
+            missing = await blobs.missing(dict.fromkeys(c.hash for c in req.chunks))
+            if missing:
+                return _error(422, "chunks_missing", "upload these chunks first", missing=missing)
+        try:
+            entry, created = await meta.commit(req, origin)
+        except Conflict as conflict:
+            current = conflict.current.to_json() if conflict.current else None
+            return _error(409, "conflict", str(conflict), current=current)
+        if created:
+            hub.publish(entry.rev)
+            what = "deleted" if entry.deleted else f"{entry.size} bytes"
+            log.info("rev %d: %s (%s) from %s", entry.rev, entry.path, what, origin)
+        return _json({"entry": entry.to_json()})
+
+    @app.get("/sync")
+    async def sync() -> Response:
+        name = _client_name()
+        cursor = _cursor()
+        start = hub.latest_rev if cursor is None else cursor
+
+        async def events() -> AsyncIterator[bytes]:
+            subscription = hub.subscribe(name)
+            log.info("%s connected (from rev %d)", name, start)
+            try:
+                hello = {"server_id": server_id, "rev": hub.latest_rev}
+                yield b"retry: 2000\n" + format_event(json.dumps(hello), event="hello")
+                position = start
+                while not hub.closed:
+                    batch = await meta.changes_since(position, EVENT_PAGE)
+                    for entry in batch:
+                        data = json.dumps(entry.to_json())
+                        yield format_event(data, event="change", id=str(entry.rev))
+                        position = entry.rev
+                    if batch:
+                        continue
+                    with trio.move_on_after(keepalive) as idle:
+                        await hub.wait_beyond(position)
+                    if idle.cancelled_caught:
+                        yield format_comment("keep-alive")
+            finally:
+                hub.unsubscribe(subscription)
+                log.info("%s disconnected", name)
+
+        response = Response(events(), mimetype="text/event-stream")
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers["X-Accel-Buffering"] = "no"
+        response.timeout = None  # Quart would cut the stream after RESPONSE_TIMEOUT otherwise
+        return response
+
+    return app

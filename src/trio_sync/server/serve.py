@@ -1,0 +1,69 @@
+"""Starts the server inside the caller's `trio.run`: stores, hub, app, Hypercorn's trio worker."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from ..config import ServerConfig
+from .app import create_app
+from .auth import load_or_create_token
+from .hub import ChangeHub
+from .store import DiskBlobStore, SQLiteMetaStore
+
+log = logging.getLogger("trio_sync.server")
+
+
+@dataclass(frozen=True, slots=True)
+class RunningServer:
+    url: str
+    token: str
+    token_created: bool
+    server_id: str
+
+
+async def run_server(
+    config: ServerConfig,
+    *,
+    stop: trio.Event,
+    task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until *stop* is set; then end event streams and give requests a short grace period."""
+    data_dir = config.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if config.token:
+        token, created = config.token, False
+    else:
+        token, created = load_or_create_token(data_dir)
+    meta = await SQLiteMetaStore.open(data_dir / "index.db")
+    try:
+        blobs = DiskBlobStore.open(data_dir, limiter=trio.CapacityLimiter(4))
+        server_id = await meta.server_id()
+        hub = ChangeHub(await meta.latest_rev())
+        app = create_app(meta, blobs, hub, token, server_id=server_id, keepalive=config.keepalive)
+
+        hc = HypercornConfig()
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        hc.bind = [f"{host}:{config.port}"]
+        hc.graceful_timeout = config.graceful_timeout
+        hc.accesslog = None
+        hc.errorlog = logging.getLogger("hypercorn.error")
+
+        async def shutdown_trigger() -> None:
+            await stop.wait()
+            log.info("shutting down")
+            hub.close()
+
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(
+                partial(hypercorn_serve, app, hc, shutdown_trigger=shutdown_trigger)
+            )
+            task_status.started(RunningServer(binds[0], token, created, server_id))
+    finally:
+        with trio.CancelScope(shield=True):
+            await meta.aclose()

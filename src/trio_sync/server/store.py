@@ -1,0 +1,304 @@
+"""Server storage behind two narrow interfaces: `MetaStore` (versions, history) and `BlobStore`
+(content-addressed chunks). The embedded defaults are SQLite and local disk; a PostgreSQL or
+object-store backend implements the same two protocols.
+
+All methods are async; the SQLite and disk implementations run their blocking work through
+`trio.to_thread.run_sync` with a limiter, so the event loop never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+
+from ..core.hashing import content_hash, hash_bytes
+from ..errors import Conflict, StoreError
+from ..protocol.models import MAX_CHUNK_SIZE, Chunk, CommitRequest, FileEntry, check_hash
+
+
+class MetaStore(Protocol):
+    async def server_id(self) -> str: ...
+    async def latest_rev(self) -> int: ...
+    async def current(self, path: str) -> FileEntry | None: ...
+    async def commit(self, request: CommitRequest, origin: str) -> tuple[FileEntry, bool]:
+        """Apply *request* if its base is still current. Returns (entry, created_new_revision).
+
+        Raises `Conflict` carrying the current entry when the base is stale.
+        """
+        ...
+
+    async def changes_since(self, rev: int, limit: int) -> list[FileEntry]: ...
+    async def list_current(self, after_path: str, limit: int) -> list[FileEntry]: ...
+    async def aclose(self) -> None: ...
+
+
+class BlobStore(Protocol):
+    async def missing(self, hashes: Iterable[str]) -> list[str]: ...
+    async def put(self, hash: str, data: bytes) -> None: ...
+    async def get(self, hash: str) -> bytes | None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS versions (
+    rev INTEGER PRIMARY KEY AUTOINCREMENT,
+    path TEXT NOT NULL,
+    deleted INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    chunks TEXT NOT NULL,
+    executable INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    origin TEXT NOT NULL,
+    committed_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS versions_by_path ON versions (path, rev);
+CREATE TABLE IF NOT EXISTS current (
+    path TEXT PRIMARY KEY,
+    rev INTEGER NOT NULL REFERENCES versions (rev)
+);
+"""
+
+_COLUMNS = "v.rev, v.path, v.deleted, v.hash, v.size, v.chunks, v.executable, v.mtime_ns, v.origin"
+
+
+def _entry(row: tuple[Any, ...]) -> FileEntry:
+    rev, path, deleted, hash_, size, chunks, executable, mtime_ns, origin = row
+    return FileEntry(
+        path=path,
+        rev=rev,
+        deleted=bool(deleted),
+        hash=hash_,
+        size=size,
+        chunks=tuple(Chunk(h, s) for h, s in json.loads(chunks)),
+        executable=bool(executable),
+        mtime_ns=mtime_ns,
+        origin=origin,
+    )
+
+
+class SQLiteMetaStore:
+    """Versions and the current-path table in one SQLite file, WAL mode, one connection.
+
+    One connection behind a limiter of one: SQLite serialises writers anyway, and the commit check
+    (base still current?) and the insert must be one transaction.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._limiter = trio.CapacityLimiter(1)
+
+    @classmethod
+    async def open(cls, path: Path) -> SQLiteMetaStore:
+        def _open() -> sqlite3.Connection:
+            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.executescript(_SCHEMA)
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('server_id', ?)",
+                (uuid.uuid4().hex,),
+            )
+            return conn
+
+        return cls(await trio.to_thread.run_sync(_open))
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    async def server_id(self) -> str:
+        row = await self._run(
+            lambda: self._conn.execute("SELECT value FROM meta WHERE key='server_id'").fetchone()
+        )
+        return str(row[0])
+
+    async def latest_rev(self) -> int:
+        row = await self._run(
+            lambda: self._conn.execute("SELECT COALESCE(MAX(rev), 0) FROM versions").fetchone()
+        )
+        return int(row[0])
+
+    def _current(self, path: str) -> FileEntry | None:
+        row = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM current c JOIN versions v ON v.rev = c.rev WHERE c.path = ?",
+            (path,),
+        ).fetchone()
+        return _entry(row) if row else None
+
+    async def current(self, path: str) -> FileEntry | None:
+        result: FileEntry | None = await self._run(self._current, path)
+        return result
+
+    def _commit(self, req: CommitRequest, origin: str) -> tuple[FileEntry, bool]:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            cur = self._current(req.path)
+            absent = cur is None or cur.deleted
+            current_rev = cur.rev if cur else 0
+            if req.base_rev != current_rev and not (absent and req.base_rev == 0):
+                raise Conflict(req.path, cur)
+            if req.deleted and absent:
+                conn.execute("ROLLBACK")
+                if cur is None:
+                    raise Conflict(req.path, None)
+                return cur, False  # deleting a tombstone: nothing to do
+            if (
+                cur is not None
+                and not cur.deleted
+                and not req.deleted
+                and (cur.hash, cur.executable, cur.mtime_ns)
+                == (req.hash, req.executable, req.mtime_ns)
+            ):
+                conn.execute("ROLLBACK")
+                return cur, False
+            chunks = json.dumps([[c.hash, c.size] for c in req.chunks])
+            rev = conn.execute(
+                "INSERT INTO versions (path, deleted, hash, size, chunks, executable, mtime_ns,"
+                " origin, committed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    req.path,
+                    int(req.deleted),
+                    req.hash,
+                    req.size,
+                    chunks,
+                    int(req.executable),
+                    req.mtime_ns,
+                    origin,
+                    time.time(),
+                ),
+            ).lastrowid
+            assert rev is not None
+            conn.execute(
+                "INSERT INTO current (path, rev) VALUES (?, ?)"
+                " ON CONFLICT (path) DO UPDATE SET rev = excluded.rev",
+                (req.path, rev),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        entry = FileEntry(
+            path=req.path,
+            rev=rev,
+            deleted=req.deleted,
+            hash=req.hash,
+            size=req.size,
+            chunks=req.chunks,
+            executable=req.executable,
+            mtime_ns=req.mtime_ns,
+            origin=origin,
+        )
+        return entry, True
+
+    async def commit(self, request: CommitRequest, origin: str) -> tuple[FileEntry, bool]:
+        if not request.deleted and content_hash(request.chunks) != request.hash:
+            raise StoreError("'hash' does not match the chunk list")
+        result: tuple[FileEntry, bool] = await self._run(self._commit, request, origin)
+        return result
+
+    async def changes_since(self, rev: int, limit: int) -> list[FileEntry]:
+        rows = await self._run(
+            lambda: self._conn.execute(
+                f"SELECT {_COLUMNS} FROM versions v WHERE v.rev > ? ORDER BY v.rev LIMIT ?",
+                (rev, limit),
+            ).fetchall()
+        )
+        return [_entry(r) for r in rows]
+
+    async def list_current(self, after_path: str, limit: int) -> list[FileEntry]:
+        rows = await self._run(
+            lambda: self._conn.execute(
+                f"SELECT {_COLUMNS} FROM current c JOIN versions v ON v.rev = c.rev"
+                " WHERE c.path > ? AND v.deleted = 0 ORDER BY c.path LIMIT ?",
+                (after_path, limit),
+            ).fetchall()
+        )
+        return [_entry(r) for r in rows]
+
+    async def aclose(self) -> None:
+        await self._run(self._conn.close)
+
+
+class DiskBlobStore:
+    """Chunks as files named by their hash under `root/ab/cd/<hash>`.
+
+    A chunk lands in `tmp/`, is fsynced, and is renamed into place only after its hash checks out,
+    so a crash leaves either no chunk or a whole, correct one.
+    """
+
+    def __init__(self, root: Path, tmp: Path, *, limiter: trio.CapacityLimiter) -> None:
+        self._root = root
+        self._tmp = tmp
+        self._limiter = limiter
+
+    @classmethod
+    def open(cls, data_dir: Path, *, limiter: trio.CapacityLimiter) -> DiskBlobStore:
+        root, tmp = data_dir / "chunks", data_dir / "tmp"
+        root.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir(parents=True, exist_ok=True)
+        for leftover in tmp.iterdir():  # from a crash or a kill -9: never complete chunks
+            leftover.unlink(missing_ok=True)
+        return cls(root, tmp, limiter=limiter)
+
+    def _path(self, hash: str) -> Path:
+        check_hash(hash)
+        return self._root / hash[:2] / hash[2:4] / hash
+
+    async def missing(self, hashes: Iterable[str]) -> list[str]:
+        paths = [(h, self._path(h)) for h in hashes]
+        return await trio.to_thread.run_sync(
+            lambda: [h for h, p in paths if not p.exists()], limiter=self._limiter
+        )
+
+    def _put(self, hash: str, data: bytes) -> None:
+        final = self._path(hash)
+        if final.exists():
+            return
+        if len(data) > MAX_CHUNK_SIZE or not data:
+            raise StoreError(f"chunk size must be 1..{MAX_CHUNK_SIZE} bytes")
+        if hash_bytes(data) != hash:
+            raise StoreError("chunk content does not match its hash")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._tmp / f"{hash}.{uuid.uuid4().hex}.part"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(final.parent)
+
+    async def put(self, hash: str, data: bytes) -> None:
+        # Not cancellable mid-write: the temp file is removed by _put itself either way.
+        await trio.to_thread.run_sync(self._put, hash, data, limiter=self._limiter)
+
+    def _get(self, hash: str) -> bytes | None:
+        try:
+            return self._path(hash).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    async def get(self, hash: str) -> bytes | None:
+        result: bytes | None = await trio.to_thread.run_sync(self._get, hash, limiter=self._limiter)
+        return result
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

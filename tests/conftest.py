@@ -1,0 +1,141 @@
+"""Shared fixtures: a real server on an ephemeral loopback port, real clients on temp folders."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trio
+
+from trio_sync.client.engine import Engine
+from trio_sync.config import ClientConfig, ServerConfig
+from trio_sync.protocol.paths import STATE_DIR_NAME
+from trio_sync.server.serve import RunningServer, run_server
+
+TOKEN = "test-token-0123456789"
+
+
+@dataclass
+class ServerHandle:
+    data_dir: Path
+    nursery: trio.Nursery
+    port: int = 0
+    keepalive: float = 15.0
+    running: RunningServer | None = None
+    _stop: trio.Event = field(default_factory=trio.Event)
+    _done: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def url(self) -> str:
+        assert self.running is not None
+        return self.running.url
+
+    async def start(self) -> None:
+        self._stop, self._done = trio.Event(), trio.Event()
+        config = ServerConfig(
+            self.data_dir, port=self.port, token=TOKEN, keepalive=self.keepalive,
+            graceful_timeout=1.0,
+        )  # fmt: skip
+        self.running = await self.nursery.start(self._serve, config)
+        self.port = int(self.running.url.rsplit(":", 1)[1])  # a restart keeps the port
+
+    async def _serve(
+        self, config: ServerConfig, task_status: trio.TaskStatus[RunningServer]
+    ) -> None:
+        try:
+            await run_server(config, stop=self._stop, task_status=task_status)
+        finally:
+            self._done.set()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await self._done.wait()
+
+
+@pytest.fixture
+async def server(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[ServerHandle]:
+    handle = ServerHandle(tmp_path / "server", nursery)
+    await handle.start()
+    yield handle
+    await handle.stop()
+
+
+@dataclass
+class ClientHandle:
+    engine: Engine
+    root: Path
+    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    async def stop(self) -> None:
+        self.cancel_scope.cancel()
+
+
+@pytest.fixture
+def client_config(server: ServerHandle, tmp_path: Path) -> Callable[..., ClientConfig]:
+    def make(name: str, **overrides: object) -> ClientConfig:
+        values: dict[str, object] = {
+            "root": tmp_path / name,
+            "server_url": server.url,
+            "token": TOKEN,
+            "name": name,
+            "backoff_initial": 0.05,
+            "backoff_max": 0.5,
+            "debounce_ms": 50,
+        }
+        values.update(overrides)
+        return ClientConfig(**values)  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture
+def start_client(
+    nursery: trio.Nursery, client_config: Callable[..., ClientConfig]
+) -> Callable[..., object]:
+    """`await start_client("a")`: a live client, returned once its first reconcile is done."""
+
+    async def start(name: str, **overrides: object) -> ClientHandle:
+        engine = Engine(client_config(name, **overrides))
+        handle = ClientHandle(engine, engine.root)
+
+        async def run(task_status: trio.TaskStatus[None]) -> None:
+            with handle.cancel_scope:
+                await engine.run(task_status=task_status)
+
+        await nursery.start(run)
+        return handle
+
+    return start
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every synced file below *root* with its content (the state folder left out)."""
+    out: dict[str, bytes] = {}
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not (Path(folder) == root and d == STATE_DIR_NAME)]
+        for name in files:
+            full = Path(folder) / name
+            out[full.relative_to(root).as_posix()] = full.read_bytes()
+    return out
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 15.0) -> None:
+    """Wait until *check()* holds; fail after *timeout* seconds. Sync is asynchronous by nature,
+    so tests wait for an observable outcome instead of sleeping for a guessed time."""
+    with trio.fail_after(timeout):
+        while not check():  # noqa: ASYNC110 - the outcome is on disk, not an event
+            await trio.sleep(0.02)
+
+
+async def in_sync(*roots: Path, timeout: float = 15.0) -> None:
+    def same() -> bool:
+        trees = [tree(r) for r in roots]
+        return all(t == trees[0] for t in trees[1:])
+
+    try:
+        await eventually(same, timeout)
+    except trio.TooSlowError:
+        raise AssertionError(f"not in sync: {[sorted(tree(r)) for r in roots]}") from None

@@ -1,0 +1,42 @@
+import pytest
+
+from trio_sync.errors import InvalidPath
+from trio_sync.protocol.paths import check_path
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["a.txt", "dir/sub/file", "é.txt", "with space/x", ".hidden", "a/.trio-sync", "back\\slash"],
+)
+def test_accepts_plain_relative_paths(path: str) -> None:
+    assert check_path(path) == path
+
+
+@pytest.mark.parametrize(
+    ("path", "why"),
+    [
+        ("", "empty"),
+        ("/etc/passwd", "absolute"),
+        ("../x", "'..'"),
+        ("a/../../x", "'..'"),
+        ("a/./b", "'.'"),
+        ("a//b", "empty"),
+        ("a/", "empty"),
+        ("a\x00b", "control"),
+        ("a\nb", "control"),
+        ("a\x7fb", "control"),
+        ("e\u0301.txt", "NFC"),
+        (".trio-sync/state.db", "reserved"),
+        (".trio-sync", "reserved"),
+        ("x" * 256, "longer than 255"),
+        ("a/" * 2100 + "b", "longer than 4096"),
+    ],
+)
+def test_rejects_unsafe_paths_with_a_reason(path: str, why: str) -> None:
+    with pytest.raises(InvalidPath, match=why):
+        check_path(path)
+
+
+def test_rejects_non_strings() -> None:
+    with pytest.raises(InvalidPath):
+        check_path(None)  # type: ignore[arg-type]
