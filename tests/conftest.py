@@ -68,9 +68,11 @@ class ClientHandle:
     engine: Engine
     root: Path
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    done: trio.Event = field(default_factory=trio.Event)
 
     async def stop(self) -> None:
         self.cancel_scope.cancel()
+        await self.done.wait()
 
 
 @pytest.fixture
@@ -102,8 +104,11 @@ def start_client(
         handle = ClientHandle(engine, engine.root)
 
         async def run(task_status: trio.TaskStatus[None]) -> None:
-            with handle.cancel_scope:
-                await engine.run(task_status=task_status)
+            try:
+                with handle.cancel_scope:
+                    await engine.run(task_status=task_status)
+            finally:
+                handle.done.set()
 
         await nursery.start(run)
         return handle

@@ -15,7 +15,7 @@ import trio
 
 from .client.engine import Engine
 from .config import ClientConfig, ServerConfig, default_client_name, default_data_dir
-from .errors import AuthenticationFailed, ProtocolError, RemoteError
+from .errors import AuthenticationFailed, FolderInUse, ProtocolError, RemoteError
 from .protocol.models import check_name
 from .server.serve import RunningServer, run_server
 
@@ -144,6 +144,9 @@ async def _client_main(config: ClientConfig, once: bool) -> int:
         except AuthenticationFailed as e:
             log.error("%s; check --token / TRIO_SYNC_TOKEN", e)
             code = EXIT_AUTH
+        except FolderInUse as e:
+            log.error("%s", e)
+            code = EXIT_USAGE
         except RemoteError as e:
             log.error("cannot sync with %s: %s", config.server_url, e)
             code = EXIT_UNREACHABLE

@@ -65,6 +65,10 @@ class ChunksMissing(RemoteError):
         self.missing = missing
 
 
+class FolderInUse(TrioSyncError):
+    """Another client process is already syncing this folder."""
+
+
 class LocalChanged(TrioSyncError):
     """The local file changed while we were working on it; look at it again."""
 

@@ -6,8 +6,10 @@ remote state → `decide` → Transfer. Nothing else changes files or the index.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import random
 import shutil
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +25,7 @@ from ..errors import (
     AuthenticationFailed,
     ChunksMissing,
     Conflict,
+    FolderInUse,
     InvalidPath,
     LocalChanged,
     ProtocolError,
@@ -45,6 +48,8 @@ log = logging.getLogger("trio_sync.client")
 
 #: Pause before looking again at a file that changed under us (it is probably still being written).
 RECHECK_DELAY = 0.2
+#: Live mode looks again at paths that failed (permissions, a folder in the way, ...) this often.
+RETRY_FAILED_EVERY = 30.0
 
 
 class Engine:
@@ -73,19 +78,32 @@ class Engine:
     async def _opened(self) -> AsyncIterator[None]:
         tmp = self.state_dir / "tmp"
 
-        def prepare() -> None:
-            self.root.mkdir(parents=True, exist_ok=True)
+        def prepare() -> int:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            lock = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(lock)
+                raise FolderInUse(
+                    f"another trio-sync client is already syncing {self.root}"
+                ) from None
             shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash: never complete files
-            tmp.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+            return lock
 
-        await trio.to_thread.run_sync(prepare)
-        self._index = await Index.open(self.state_dir / "state.db")
+        lock = await trio.to_thread.run_sync(prepare)
         try:
-            yield
+            self._index = await Index.open(self.state_dir / "state.db")
+            try:
+                yield
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._index.aclose()
         finally:
             with trio.CancelScope(shield=True):
-                await self._index.aclose()
                 await trio.to_thread.run_sync(partial(shutil.rmtree, tmp, ignore_errors=True))
+                os.close(lock)  # releases the flock
 
     def _remote(self) -> Remote:
         c = self.config
@@ -120,6 +138,7 @@ class Engine:
                             )
                             await nursery.start(self._listen, remote)
                             self._start_workers(nursery, remote)
+                            nursery.start_soon(self._retry_failed)
                             await self._mark_all()
                             await self.queue.wait_idle()
                             log.info("in sync with %s", self.config.server_url)
@@ -224,6 +243,11 @@ class Engine:
             parts = known.split("/")
             if any("/".join(parts[:i]) in changed for i in range(1, len(parts))):
                 self.queue.mark(known)
+
+    async def _retry_failed(self) -> None:
+        while True:
+            await trio.sleep(RETRY_FAILED_EVERY)
+            self.queue.mark_many(list(self.failed))
 
     # -- doing the work ---------------------------------------------------------------------
 

@@ -4,8 +4,9 @@ one place where httpx errors and HTTP status codes become our exceptions."""
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, NoReturn
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import aclosing
+from typing import Any, NoReturn, TypeVar, cast
 
 import httpx
 
@@ -22,6 +23,12 @@ from ..protocol.models import MAX_CHUNK_SIZE, MAX_HASHES_PER_QUERY, CommitReques
 from ..protocol.sse import ServerSentEvent, SSEParser
 
 CLIENT_HEADER = "X-Trio-Sync-Client"
+T = TypeVar("T")
+
+
+def _closing(iterator: AsyncIterator[T]) -> aclosing[AsyncGenerator[T, None]]:
+    """httpx's body iterators are async generators typed as iterators; close them promptly."""
+    return aclosing(cast(AsyncGenerator[T, None], iterator))
 
 
 class Remote:
@@ -75,15 +82,16 @@ class Remote:
                 if response.status_code >= 300:
                     await response.aread()
                     _raise_for_status(response)
-                async for line in response.aiter_lines():
-                    if not line:
-                        continue
-                    data = _json(line.encode())
-                    if header is None:
-                        header = data
-                        continue
-                    entry = _entry(data)
-                    entries[entry.path] = entry
+                async with _closing(response.aiter_lines()) as lines:
+                    async for line in lines:
+                        if not line:
+                            continue
+                        data = _json(line.encode())
+                        if header is None:
+                            header = data
+                            continue
+                        entry = _entry(data)
+                        entries[entry.path] = entry
         except httpx.TransportError as e:
             raise ServerUnavailable(f"GET /files: {e!r}") from e
         if header is None or not isinstance(header.get("rev"), int):
@@ -115,10 +123,11 @@ class Remote:
                     await response.aread()
                     _raise_for_status(response)
                 buf = bytearray()
-                async for piece in response.aiter_raw():
-                    buf += piece
-                    if len(buf) > size:
-                        raise ProtocolError(f"chunk {hash} is longer than announced")
+                async with _closing(response.aiter_raw()) as pieces:
+                    async for piece in pieces:
+                        buf += piece
+                        if len(buf) > size:
+                            raise ProtocolError(f"chunk {hash} is longer than announced")
         except httpx.TransportError as e:
             raise ServerUnavailable(f"GET /chunks/{hash}: {e!r}") from e
         return bytes(buf)
@@ -140,9 +149,10 @@ class Remote:
                 if response.status_code >= 300:
                     await response.aread()
                     _raise_for_status(response)
-                async for piece in response.aiter_raw():
-                    for event in parser.feed(piece):
-                        await on_event(event)
+                async with _closing(response.aiter_raw()) as pieces:
+                    async for piece in pieces:
+                        for event in parser.feed(piece):
+                            await on_event(event)
         except httpx.TransportError as e:
             raise ServerUnavailable(f"event stream: {e!r}") from e
         raise ServerUnavailable("the server closed the event stream")

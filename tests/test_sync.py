@@ -1,0 +1,271 @@
+"""End to end, in process: a real Hypercorn server on loopback and real clients on temp folders."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from trio_sync.client.engine import Engine
+from trio_sync.errors import AuthenticationFailed, FolderInUse
+
+from .conftest import ServerHandle, eventually, in_sync, tree
+
+Start = Callable[..., Any]
+
+
+def write(path: Path, data: bytes | str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records]
+
+
+async def test_initial_sync_goes_both_ways(start_client: Start, tmp_path: Path) -> None:
+    write(tmp_path / "a/only-a.txt", "from a")
+    write(tmp_path / "a/shared/same.txt", "same")
+    write(tmp_path / "b/only-b/deep/file.bin", os.urandom(5000))
+    write(tmp_path / "b/shared/same.txt", "same")
+    await start_client("a")
+    await start_client("b")
+    await in_sync(tmp_path / "a", tmp_path / "b")
+    assert set(tree(tmp_path / "a")) == {
+        "only-a.txt",
+        "shared/same.txt",
+        "only-b/deep/file.bin",
+    }
+
+
+async def test_live_create_modify_delete_and_nested_folders(
+    start_client: Start, tmp_path: Path
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    await start_client("a")
+    await start_client("b")
+
+    write(a / "x/y/z/new.txt", "one")
+    await eventually(lambda: (b / "x/y/z/new.txt").exists())
+    assert (b / "x/y/z/new.txt").read_text() == "one"
+
+    write(a / "x/y/z/new.txt", "two, longer")
+    await eventually(lambda: (b / "x/y/z/new.txt").read_text() == "two, longer")
+
+    write(b / "from-b.txt", "hello a")
+    await eventually(lambda: (a / "from-b.txt").exists())
+
+    (a / "x/y/z/new.txt").unlink()
+    await eventually(lambda: not (b / "x/y/z/new.txt").exists())
+    await eventually(lambda: not (b / "x").exists())  # folders left empty are removed
+    await in_sync(a, b)
+
+
+async def test_executable_bit_and_mtime_are_carried(start_client: Start, tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    write(a / "run.sh", "#!/bin/sh\necho hi\n")
+    (a / "run.sh").chmod(0o755)
+    os.utime(a / "run.sh", ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    await start_client("a")
+    await start_client("b")
+    await eventually(lambda: (b / "run.sh").exists())
+    st = (b / "run.sh").stat()
+    assert st.st_mode & 0o111
+    assert st.st_mtime_ns == 1_600_000_000_000_000_000
+
+
+async def test_rename_of_file_and_folder(start_client: Start, tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    write(a / "old.txt", "content")
+    for i in range(5):
+        write(a / f"folder/sub/{i}.txt", f"file {i}")
+    await start_client("a")
+    await start_client("b")
+    await in_sync(a, b)
+
+    (a / "old.txt").rename(a / "new.txt")
+    (a / "folder").rename(a / "moved")
+    await eventually(lambda: (b / "moved/sub/4.txt").exists() and (b / "new.txt").exists())
+    await in_sync(a, b)
+    assert not (b / "old.txt").exists()
+    assert not (b / "folder").exists()
+
+
+async def test_concurrent_edits_keep_both_versions(
+    start_client: Start, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    write(a / "report.txt", "original")
+    client_a = await start_client("a")
+    client_b = await start_client("b")
+    await in_sync(a, b)
+    await client_b.stop()
+
+    write(a / "report.txt", "edited on a")
+    write(b / "report.txt", "edited on b, offline")
+    caplog.set_level(logging.INFO)
+    await eventually(lambda: "report.txt" in messages_text(caplog, "uploaded report.txt"))
+    await start_client("b")
+    await in_sync(a, b)
+
+    files = tree(a)
+    assert files["report.txt"] == b"edited on a"  # the first change to reach the server wins
+    copies = [p for p in files if p.startswith("report.sync-conflict-") and p.endswith("-b.txt")]
+    assert len(copies) == 1
+    assert files[copies[0]] == b"edited on b, offline"
+    await client_a.stop()
+
+
+def messages_text(caplog: pytest.LogCaptureFixture, needle: str) -> str:
+    return "\n".join(m for m in messages(caplog) if needle in m)
+
+
+async def test_edit_beats_delete(start_client: Start, tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    write(a / "keep.txt", "v1")
+    await start_client("a")
+    client_b = await start_client("b")
+    await in_sync(a, b)
+    await client_b.stop()
+
+    (a / "keep.txt").unlink()
+    write(b / "keep.txt", "v2 edited while offline")
+    await trio.sleep(0.3)  # let a's delete reach the server first (any order must end the same)
+    await start_client("b")
+    await eventually(lambda: (a / "keep.txt").exists())
+    await in_sync(a, b)
+    assert (a / "keep.txt").read_text() == "v2 edited while offline"
+
+
+async def test_reconnect_after_server_restart_catches_up_through_the_cursor(
+    server: ServerHandle,
+    start_client: Start,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    a, b = tmp_path / "a", tmp_path / "b"
+    write(a / "before.txt", "before")
+    await start_client("a")
+    await start_client("b")
+    await in_sync(a, b)
+
+    await server.stop()
+    write(a / "while-down.txt", "written while the server was down")
+    await trio.sleep(0.2)
+    caplog.clear()
+    await server.start()
+
+    await eventually(lambda: (b / "while-down.txt").exists())
+    await in_sync(a, b)
+    # b resumed from its cursor instead of listing everything again.
+    reconnects = [m for m in messages(caplog) if m.startswith("b connected (from rev")]
+    assert reconnects
+    assert not reconnects[0].endswith("(from rev 0)")
+    assert not any(m.startswith("server has") for m in messages(caplog))
+
+
+async def test_client_restart_does_not_transfer_again(
+    start_client: Start, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    for i in range(20):
+        write(a / f"f{i}.txt", f"file {i}")
+    client_a = await start_client("a")
+    client_b = await start_client("b")
+    await in_sync(a, b)
+    await client_a.stop()
+    await client_b.stop()
+
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+    await start_client("a")
+    await start_client("b")
+    transfers = [m for m in messages(caplog) if m.startswith(("uploaded", "downloaded"))]
+    assert transfers == []
+    assert tree(a) == tree(b)
+
+
+async def test_state_folder_and_temp_files_never_leave_the_client(
+    server: ServerHandle, start_client: Start, tmp_path: Path
+) -> None:
+    a = tmp_path / "a"
+    write(a / "real.txt", "x")
+    client = await start_client("a")
+    await eventually(lambda: len(client.engine.remote_state or {}) == 1)
+    assert set((client.engine.remote_state or {}).keys()) == {"real.txt"}
+    assert (a / ".trio-sync/state.db").exists()
+
+
+async def test_symlinks_are_skipped_and_never_followed(
+    start_client: Start, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    outside = tmp_path / "outside"
+    write(outside / "secret.txt", "do not sync")
+    a.mkdir()
+    (a / "link-to-file").symlink_to(outside / "secret.txt")
+    (a / "link-to-dir").symlink_to(outside)
+    write(a / "normal.txt", "ok")
+    caplog.set_level(logging.WARNING)
+    await start_client("a")
+    b_client = await start_client("b")
+    await eventually(lambda: (b / "normal.txt").exists())
+    assert set(tree(b)) == {"normal.txt"}
+    assert any("symlinks are not synced" in m for m in messages(caplog))
+
+    # b has a symlinked folder where a has a real one: b must not write through the link.
+    (b / "docs").symlink_to(outside)
+    await trio.sleep(0.1)
+    write(a / "docs/readme.txt", "for docs")
+    await eventually(
+        lambda: any("parent folder 'docs' is a symlink" in m for m in messages(caplog))
+    )
+    assert sorted(p.name for p in outside.iterdir()) == ["secret.txt"]
+    await b_client.stop()
+
+
+async def test_server_replaced_loses_nothing(
+    nursery: trio.Nursery,
+    server: ServerHandle,
+    start_client: Start,
+    tmp_path: Path,
+) -> None:
+    a = tmp_path / "a"
+    write(a / "precious.txt", "keep me")
+    client = await start_client("a")
+    await eventually(lambda: "precious.txt" in (client.engine.remote_state or {}))
+    await client.stop()
+
+    # A new, empty server at the same address (its data dir was wiped).
+    await server.stop()
+    fresh = ServerHandle(tmp_path / "fresh-server", nursery, port=server.port)
+    await fresh.start()
+    client = await start_client("a")
+    assert (a / "precious.txt").read_text() == "keep me"
+    assert "precious.txt" in (client.engine.remote_state or {})
+    await client.stop()
+    await fresh.stop()
+    await server.start()  # so the fixture can stop it
+
+
+async def test_a_second_client_on_the_same_folder_is_refused(
+    start_client: Start, client_config: Callable[..., Any], tmp_path: Path
+) -> None:
+    await start_client("a")
+    with pytest.raises(FolderInUse, match="already syncing"):
+        await Engine(client_config("a")).sync_once()
+    assert (tmp_path / "a/.trio-sync/tmp").is_dir()  # the refused one removed nothing
+
+
+async def test_rejected_token_is_fatal_not_a_retry_loop(
+    client_config: Callable[..., Any],
+) -> None:
+    engine = Engine(client_config("a", token="wrong"))
+    with trio.fail_after(5), pytest.raises(AuthenticationFailed):
+        await engine.run()
