@@ -48,6 +48,8 @@ log = logging.getLogger("trio_sync.client")
 
 #: Pause before looking again at a file that changed under us (it is probably still being written).
 RECHECK_DELAY = 0.2
+#: A file that changed under us this many times in a row is reported as failed (retried later).
+MAX_RECHECKS = 25
 #: Live mode looks again at paths that failed (permissions, a folder in the way, ...) this often.
 RETRY_FAILED_EVERY = 30.0
 
@@ -65,6 +67,7 @@ class Engine:
         #: Paths whose last attempt failed for a reason retrying will not fix; reported by --once.
         self.failed: dict[str, str] = {}
         self._warned: set[str] = set()
+        self._rechecks: dict[str, int] = {}
         self._io = trio.CapacityLimiter(4)
         self._index: Index | None = None
         self._scanner = Scanner(self.root, self._io)
@@ -269,6 +272,7 @@ class Engine:
         try:
             await self._apply(transfer, path)
             self.failed.pop(path, None)
+            self._rechecks.pop(path, None)
         except Conflict as conflict:
             # Someone else got there first: learn the server's version and decide again.
             if conflict.current is not None:
@@ -277,6 +281,12 @@ class Engine:
                 self.remote_state.pop(path, None)
             self.queue.mark(path)
         except (LocalChanged, ChunksMissing) as e:
+            count = self._rechecks[path] = self._rechecks.get(path, 0) + 1
+            if count >= MAX_RECHECKS:
+                log.error("%s: %s, %d times in a row; leaving it for now", path, e, count)
+                self.failed[path] = str(e)
+                self._rechecks.pop(path)
+                return
             log.info("%s: %s; looking again", path, e)
             await trio.sleep(RECHECK_DELAY)
             self.queue.mark(path)

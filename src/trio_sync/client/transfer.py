@@ -224,6 +224,8 @@ def _check_unchanged(target: Path, expected: LocalFile | None, path: str) -> Non
         if expected is None:
             return
         raise LocalChanged(f"{path}: vanished locally") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "a folder is in the way of a file", path)
     if expected is None or not stat.S_ISREG(st.st_mode) or stat_key(st) != expected.stat:
         raise LocalChanged(f"{path}: changed locally meanwhile")
 

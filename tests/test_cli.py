@@ -1,0 +1,198 @@
+"""The `trio-sync` command as users run it: real subprocesses, real signals, exit codes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from .conftest import eventually, tree
+
+pytestmark = pytest.mark.slow
+
+COMMAND = [sys.executable, "-m", "trio_sync"]
+Spawn = Callable[..., Awaitable["Proc"]]
+
+
+@dataclass
+class Proc:
+    process: trio.Process
+    output: bytearray
+
+    async def terminate(self, timeout: float = 10.0) -> int:
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(timeout):
+            return await self.process.wait()
+
+
+async def _pump(stream: trio.abc.ReceiveStream, sink: bytearray) -> None:
+    async for piece in stream:
+        sink += piece
+
+
+@pytest.fixture
+async def spawn(nursery: trio.Nursery) -> AsyncIterator[Spawn]:
+    """Start `trio-sync ARGS...`; every process is terminated (then killed) at teardown."""
+    procs: list[Proc] = []
+
+    async def start(*args: str, env: dict[str, str] | None = None) -> Proc:
+        process = await trio.lowlevel.open_process(
+            [*COMMAND, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+        proc = Proc(process, bytearray())
+        assert process.stdout is not None
+        nursery.start_soon(_pump, process.stdout, proc.output)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.process.returncode is None:
+            proc.process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(10):
+                await proc.process.wait()
+            if proc.process.returncode is None:
+                proc.process.kill()
+                await proc.process.wait()
+
+
+async def run(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(timeout):
+        return await trio.run_process(
+            [*COMMAND, *args], capture_stdout=True, capture_stderr=True, check=False
+        )
+
+
+async def start_server(spawn: Spawn, data_dir: Path, *extra: str) -> tuple[Proc, str, str]:
+    proc: Proc = await spawn("server", "--data-dir", str(data_dir), "--port", "0", *extra)
+    pattern = re.compile(rb"--server (http://\S+) --token (\S+)")
+    await eventually(lambda: pattern.search(proc.output) is not None, timeout=20)
+    match = pattern.search(proc.output)
+    assert match is not None
+    return proc, match[1].decode(), match[2].decode()
+
+
+async def test_server_prints_the_client_command_and_keeps_its_token_private(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    proc, url, token = await start_server(spawn, tmp_path / "data")
+    assert (tmp_path / "data/token").read_text().strip() == token
+    assert (tmp_path / "data/token").stat().st_mode & 0o777 == 0o600
+    assert str(tmp_path / "data") in proc.output.decode()
+
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir/hello.txt").write_text("hello")
+    result = await run("client", str(tmp_path / "dir"), "--server", url, "--token", token, "--once")
+    assert result.returncode == 0, result.stderr.decode()
+    assert "uploaded hello.txt" in result.stderr.decode()
+    assert await proc.terminate() == 0
+
+
+async def test_once_exit_codes(spawn: Spawn, tmp_path: Path) -> None:
+    _, url, token = await start_server(spawn, tmp_path / "data", "--token", "right")
+    a, b = tmp_path / "a", tmp_path / "b"
+
+    wrong = await run("client", str(a), "--server", url, "--token", "wrong", "--once")
+    assert wrong.returncode == 3
+    assert b"rejected our token" in wrong.stderr
+
+    with trio.socket.socket() as sock:  # a port nobody listens on
+        await sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        unreachable = await run("client", str(a), "--server", dead, "--token", token, "--once")
+    assert unreachable.returncode == 4
+    assert b"cannot sync" in unreachable.stderr
+
+    missing = await run("client", str(a), "--server", url, "--once")
+    assert missing.returncode == 2
+
+    a.mkdir(exist_ok=True)
+    (a / "x").write_text("a file called x")
+    assert (
+        await run("client", str(a), "--server", url, "--token", token, "--once")
+    ).returncode == 0
+    (b / "x").mkdir(parents=True)
+    (b / "x/inside.txt").write_text("a folder called x")
+    blocked = await run("client", str(b), "--server", url, "--token", token, "--once")
+    assert blocked.returncode == 1
+    assert b"a folder is in the way" in blocked.stderr
+    assert (b / "x/inside.txt").read_text() == "a folder called x"  # nothing lost
+
+
+async def test_two_live_clients_as_processes(spawn: Spawn, tmp_path: Path) -> None:
+    _, url, token = await start_server(spawn, tmp_path / "data")
+    a, b = tmp_path / "a", tmp_path / "b"
+    env = {"TRIO_SYNC_TOKEN": token}
+    client_a: Proc = await spawn("client", str(a), "--server", url, "--name", "a", env=env)
+    client_b: Proc = await spawn("client", str(b), "--server", url, "--name", "b", env=env)
+    await eventually(lambda: b"in sync" in client_a.output and b"in sync" in client_b.output, 20)
+
+    (a / "sub").mkdir()
+    (a / "sub/note.txt").write_text("from process a")
+    await eventually(lambda: (b / "sub/note.txt").exists(), 20)
+    assert (b / "sub/note.txt").read_text() == "from process a"
+
+    assert await client_a.terminate() == 0
+    assert await client_b.terminate() == 0
+    for root in (a, b):
+        assert list((root / ".trio-sync").glob("**/*.part")) == []
+        assert not (root / ".trio-sync/tmp").exists()
+    assert tree(a) == tree(b)
+
+
+async def test_sigterm_ends_streams_and_drops_half_uploads(spawn: Spawn, tmp_path: Path) -> None:
+    proc, url, token = await start_server(spawn, tmp_path / "data")
+    headers = {"Authorization": f"Bearer {token}"}
+    half_sent = trio.Event()
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield b"x" * 65536
+        half_sent.set()
+        await trio.sleep(30)
+        yield b"never"
+
+    stream_ended = trio.Event()
+
+    async def follow_stream() -> None:
+        async with (
+            httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client,
+            client.stream("GET", "/sync") as response,
+        ):
+            with suppress(httpx.TransportError):
+                async for _ in response.aiter_raw():
+                    pass
+        stream_ended.set()
+
+    async def upload() -> None:
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client:
+            with suppress(httpx.TransportError):
+                await client.put("/chunks/" + "a" * 64, content=slow_body())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(follow_stream)
+        nursery.start_soon(upload)
+        await half_sent.wait()
+        await trio.sleep(0.2)
+        started = trio.current_time()
+        code = await proc.terminate(timeout=10)
+        assert code == 0
+        assert trio.current_time() - started < 8
+        with trio.fail_after(5):
+            await stream_ended.wait()
+        nursery.cancel_scope.cancel()
+    assert list((tmp_path / "data/tmp").iterdir()) == []
+    assert not any((tmp_path / "data/chunks").rglob("a" * 64))
