@@ -135,12 +135,24 @@ async def eventually(check: Callable[[], bool], timeout: float = 15.0) -> None:
             await trio.sleep(0.02)
 
 
+def folders(root: Path) -> set[str]:
+    out: set[str] = set()
+    for folder, dirs, _files in os.walk(root):
+        dirs[:] = [d for d in dirs if not (Path(folder) == root and d == STATE_DIR_NAME)]
+        out.update((Path(folder) / d).relative_to(root).as_posix() for d in dirs)
+    return out
+
+
 async def in_sync(*roots: Path, timeout: float = 15.0) -> None:
+    """Wait until every root holds the same files (with the same bytes) and the same folders."""
+
     def same() -> bool:
-        trees = [tree(r) for r in roots]
+        trees = [(tree(r), folders(r)) for r in roots]
         return all(t == trees[0] for t in trees[1:])
 
     try:
         await eventually(same, timeout)
     except trio.TooSlowError:
-        raise AssertionError(f"not in sync: {[sorted(tree(r)) for r in roots]}") from None
+        raise AssertionError(
+            f"not in sync: {[sorted(tree(r)) + sorted(folders(r)) for r in roots]}"
+        ) from None

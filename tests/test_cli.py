@@ -104,7 +104,7 @@ async def test_server_prints_the_client_command_and_keeps_its_token_private(
 
 async def test_once_exit_codes(spawn: Spawn, tmp_path: Path) -> None:
     _, url, token = await start_server(spawn, tmp_path / "data", "--token", "right")
-    a, b = tmp_path / "a", tmp_path / "b"
+    a = tmp_path / "a"
 
     wrong = await run("client", str(a), "--server", url, "--token", "wrong", "--once")
     assert wrong.returncode == 3
@@ -121,16 +121,14 @@ async def test_once_exit_codes(spawn: Spawn, tmp_path: Path) -> None:
     assert missing.returncode == 2
 
     a.mkdir(exist_ok=True)
-    (a / "x").write_text("a file called x")
-    assert (
-        await run("client", str(a), "--server", url, "--token", token, "--once")
-    ).returncode == 0
-    (b / "x").mkdir(parents=True)
-    (b / "x/inside.txt").write_text("a folder called x")
-    blocked = await run("client", str(b), "--server", url, "--token", token, "--once")
-    assert blocked.returncode == 1
-    assert b"a folder is in the way" in blocked.stderr
-    assert (b / "x/inside.txt").read_text() == "a folder called x"  # nothing lost
+    (a / "fine.txt").write_text("fine")
+    (a / "bad\x01name").write_text("a name with a control character")
+    unsyncable = await run("client", str(a), "--server", url, "--token", token, "--once")
+    assert unsyncable.returncode == 1
+    assert b"cannot be synced" in unsyncable.stderr
+    (a / "bad\x01name").unlink()
+    synced = await run("client", str(a), "--server", url, "--token", token, "--once")
+    assert synced.returncode == 0
 
 
 async def test_two_live_clients_as_processes(spawn: Spawn, tmp_path: Path) -> None:

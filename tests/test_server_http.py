@@ -246,3 +246,40 @@ def test_token_file_is_private(tmp_path: Path) -> None:
     assert len(token) >= 40
     assert os.stat(tmp_path / "token").st_mode & 0o777 == 0o600
     assert load_or_create_token(tmp_path) == (token, False)
+
+
+async def test_folders_are_explicit_and_the_tree_stays_consistent(server: ServerHandle) -> None:
+    async with http(server, headers=AUTH) as client:
+        nested = (await put_file(client, "a/b/c.txt", b"c")).json()["entry"]
+        listing = [json.loads(line) for line in (await client.get("/files")).text.splitlines()]
+        kinds = {e["path"]: e["kind"] for e in listing[1:]}
+        assert kinds == {"a": "dir", "a/b": "dir", "a/b/c.txt": "file"}
+
+        folder_rev = listing[2]["rev"]  # "a/b"
+        # No file where a non-empty folder is, and nothing below a file.
+        over_folder = await put_file(client, "a/b", b"file over folder", base_rev=folder_rev)
+        assert over_folder.status_code == 409
+        assert over_folder.json()["reason"] == "blocked"
+        under_file = await put_file(client, "a/b/c.txt/d", b"below a file")
+        assert under_file.status_code == 409
+        assert under_file.json()["blocking"]["path"] == "a/b/c.txt"
+
+        # A folder is deleted only once it is empty.
+        not_empty = await client.post(
+            "/commit", json={"path": "a/b", "base_rev": folder_rev, "deleted": True}
+        )
+        assert not_empty.status_code == 409
+        assert not_empty.json()["reason"] == "not_empty"
+        await client.post(
+            "/commit", json={"path": "a/b/c.txt", "base_rev": nested["rev"], "deleted": True}
+        )
+        emptied = await client.post(
+            "/commit", json={"path": "a/b", "base_rev": folder_rev, "deleted": True}
+        )
+        assert emptied.status_code == 200
+
+        empty_dir = await client.post("/commit", json={"path": "e", "base_rev": 0, "kind": "dir"})
+        assert empty_dir.json()["entry"] == {
+            "path": "e", "rev": empty_dir.json()["entry"]["rev"], "deleted": False,
+            "kind": "dir", "origin": "unknown",
+        }  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,61 @@ async def test_live_create_modify_delete_and_nested_folders(
 
     (a / "x/y/z/new.txt").unlink()
     await eventually(lambda: not (b / "x/y/z/new.txt").exists())
-    await eventually(lambda: not (b / "x").exists())  # folders left empty are removed
+    assert (b / "x/y/z").is_dir()  # the folder was not deleted, only the file
+
+    shutil.rmtree(a / "x")
+    await eventually(lambda: not (b / "x").exists())
     await in_sync(a, b)
+
+
+async def test_empty_folders_are_created_and_deleted(start_client: Start, tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    (a / "empty-at-start/inner").mkdir(parents=True)
+    await start_client("a")
+    await start_client("b")
+    await eventually(lambda: (b / "empty-at-start/inner").is_dir())
+
+    (b / "made-live/deeper").mkdir(parents=True)
+    await eventually(lambda: (a / "made-live/deeper").is_dir())
+    (a / "made-live/deeper").rmdir()
+    await eventually(lambda: not (b / "made-live/deeper").exists())
+    assert (b / "made-live").is_dir()
+
+
+async def test_file_and_folder_with_the_same_name_keep_both(
+    start_client: Start, tmp_path: Path
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    write(a / "thing", "a file called thing")
+    write(b / "thing/inside.txt", "a folder called thing")
+    await start_client("a")
+    await start_client("b")
+    await in_sync(a, b)
+    files = tree(a)
+    assert files["thing"] == b"a file called thing"  # first to reach the server keeps the name
+    copies = [p for p in files if p.startswith("thing.sync-conflict-")]
+    assert len(copies) == 1
+    assert copies[0].endswith("-b/inside.txt")
+    assert files[copies[0]] == b"a folder called thing"
+
+
+async def test_deleting_a_folder_keeps_what_another_client_added_to_it(
+    start_client: Start, tmp_path: Path
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    write(a / "shared/old.txt", "old")
+    await start_client("a")
+    client_b = await start_client("b")
+    await in_sync(a, b)
+    await client_b.stop()
+
+    write(b / "shared/new-from-b.txt", "added while a deleted the folder")
+    shutil.rmtree(a / "shared")
+    await eventually(lambda: not (a / "shared").exists())
+    await trio.sleep(0.3)
+    await start_client("b")
+    await in_sync(a, b)
+    assert tree(a) == {"shared/new-from-b.txt": b"added while a deleted the folder"}
 
 
 async def test_executable_bit_and_mtime_are_carried(start_client: Start, tmp_path: Path) -> None:

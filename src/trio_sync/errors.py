@@ -49,12 +49,32 @@ class ServerReset(RemoteError):
 
 
 class Conflict(RemoteError):
-    """Optimistic concurrency failed: the path moved on since our change's base revision."""
+    """The server refused a change to keep its tree consistent.
 
-    def __init__(self, path: str, current: FileEntry | None) -> None:
-        super().__init__(f"{path}: changed on the server since our base revision")
+    `reason` is "stale" (the path moved on since our base revision), "blocked" (a file stands
+    where this path needs a folder, or a non-empty folder where it needs a file; `blocking` is
+    that entry) or "not_empty" (a folder cannot be deleted while it holds live entries).
+    """
+
+    MESSAGES = {
+        "stale": "changed on the server since our base revision",
+        "blocked": "a file and a folder would share a name",
+        "not_empty": "the folder is not empty on the server",
+    }
+
+    def __init__(
+        self,
+        path: str,
+        current: FileEntry | None,
+        *,
+        reason: str = "stale",
+        blocking: FileEntry | None = None,
+    ) -> None:
+        super().__init__(f"{path}: {self.MESSAGES.get(reason, reason)}")
         self.path = path
         self.current = current
+        self.reason = reason
+        self.blocking = blocking
 
 
 class ChunksMissing(RemoteError):

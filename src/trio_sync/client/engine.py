@@ -12,7 +12,7 @@ import logging
 import os
 import random
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from functools import partial
@@ -34,14 +34,14 @@ from ..errors import (
     ServerReset,
     ServerUnavailable,
 )
-from ..protocol.models import FileEntry
+from ..protocol.models import DIR, FileEntry
 from ..protocol.paths import STATE_DIR_NAME, is_valid_path
 from ..protocol.sse import ServerSentEvent
 from .index import BaseEntry, Index, is_racy
 from .queue import PathQueue
 from .remote import Remote
 from .scanner import Scanner, Unsyncable
-from .transfer import Transfer
+from .transfer import FolderNotEmpty, Transfer
 from .watcher import watch
 
 log = logging.getLogger("trio_sync.client")
@@ -220,6 +220,11 @@ class Engine:
 
         await remote.listen(self.cursor, on_event)
 
+    def _live_remote_below(self, path: str) -> list[str]:
+        assert self.remote_state is not None
+        prefix = path + "/"
+        return [p for p, e in self.remote_state.items() if p.startswith(prefix) and not e.deleted]
+
     def _learn(self, entry: FileEntry) -> None:
         assert self.remote_state is not None
         known = self.remote_state.get(entry.path)
@@ -274,22 +279,29 @@ class Engine:
             self.failed.pop(path, None)
             self._rechecks.pop(path, None)
         except Conflict as conflict:
-            # Someone else got there first: learn the server's version and decide again.
+            # The server's tree is not what we thought: learn what it has and decide again.
             if conflict.current is not None:
                 self.remote_state[path] = conflict.current
             else:
                 self.remote_state.pop(path, None)
+            if conflict.blocking is not None:
+                self.remote_state[conflict.blocking.path] = conflict.blocking
+                self.queue.mark(conflict.blocking.path)
+            if conflict.reason != "stale":
+                log.info("%s: %s; looking again", path, conflict)
+                await trio.sleep(RECHECK_DELAY)
             self.queue.mark(path)
-        except (LocalChanged, ChunksMissing) as e:
-            count = self._rechecks[path] = self._rechecks.get(path, 0) + 1
-            if count >= MAX_RECHECKS:
-                log.error("%s: %s, %d times in a row; leaving it for now", path, e, count)
-                self.failed[path] = str(e)
-                self._rechecks.pop(path)
-                return
-            log.info("%s: %s; looking again", path, e)
-            await trio.sleep(RECHECK_DELAY)
-            self.queue.mark(path)
+        except FolderNotEmpty as e:
+            prefix = path + "/"
+            if any(self.index.get(prefix + name) is None for name in e.names):
+                # Something new was put in the folder since: it is not deleted, it comes back.
+                log.info("%s: kept, it holds new content", path)
+                await self.index.remove(path)
+                self.queue.mark(path)
+            else:
+                await self._recheck(path, e, also=[prefix + name for name in e.names])
+        except (LocalChanged, ChunksMissing, FileNotFoundError) as e:
+            await self._recheck(path, e)
         except Unsyncable as e:
             if path not in self._warned:
                 self._warned.add(path)
@@ -297,6 +309,19 @@ class Engine:
         except (OSError, InvalidPath, ProtocolError, RejectedByServer) as e:
             log.error("%s: %s", path, e)
             self.failed[path] = str(e)
+
+    async def _recheck(self, path: str, error: Exception, also: Iterable[str] = ()) -> None:
+        """Look at *path* again shortly (after *also*); give up for now after MAX_RECHECKS."""
+        count = self._rechecks[path] = self._rechecks.get(path, 0) + 1
+        if count >= MAX_RECHECKS:
+            log.error("%s: %s, %d times in a row; leaving it for now", path, error, count)
+            self.failed[path] = str(error)
+            self._rechecks.pop(path)
+            return
+        log.debug("%s: %s; looking again", path, error)
+        self.queue.mark_many(also)
+        await trio.sleep(RECHECK_DELAY)
+        self.queue.mark(path)
 
     async def _apply(self, transfer: Transfer, path: str) -> None:
         assert self.remote_state is not None
@@ -308,7 +333,7 @@ class Engine:
         decision = decide(
             base.side if base else None,
             local.content if local else None,
-            Side(remote.rev, Content(remote.hash, remote.executable)) if remote else None,
+            Side(remote.rev, _content(remote)) if remote else None,
         )
         action, why = decision.action, decision.reason
         if action is Action.NOTHING:
@@ -325,6 +350,10 @@ class Engine:
             self.remote_state[path] = await transfer.upload(local, decision.base_rev)
             log.info("uploaded %s (%s, %d bytes)", path, why, local.stat.size)
         elif action is Action.DELETE_REMOTE:
+            below = self._live_remote_below(path)
+            if below:
+                # A folder goes after its contents; what others added meanwhile stays.
+                raise FolderNotEmpty(path, [p[len(path) + 1 :] for p in below])
             self.remote_state[path] = await transfer.delete_remote(path, decision.base_rev)
             log.info("deleted %s on the server (%s)", path, why)
         elif action is Action.DOWNLOAD:
@@ -341,13 +370,16 @@ class Engine:
             copy = await transfer.set_aside(local)
             log.warning("conflict on %s (%s): your version is kept as %s", path, why, copy)
             self.queue.mark(copy)
+            if local.is_dir:
+                self.queue.mark_many(await self._scanner.walk(copy))
             await transfer.download(remote, None)
             log.info("downloaded %s (the server's version)", path)
 
     async def _differences(self) -> list[str]:
         assert self.remote_state is not None
         live = {p: e for p, e in self.remote_state.items() if not e.deleted}
-        problems = [f"{path}: {message}" for path, message in sorted(self.failed.items())]
+        failed = self.failed | self._scanner.rejected
+        problems = [f"{path}: {message}" for path, message in sorted(failed.items())]
         for path in sorted(set(await self._scanner.walk()) | set(live)):
             try:
                 local = await self._scanner.scan(path, self.index.get(path))
@@ -358,9 +390,13 @@ class Engine:
                 problems.append(f"{path}: only on the server")
             elif remote is None and local is not None:
                 problems.append(f"{path}: only in the local folder")
-            elif local and remote and local.content != Content(remote.hash, remote.executable):
+            elif local and remote and local.content != _content(remote):
                 problems.append(f"{path}: differs from the server")
         return problems
+
+
+def _content(entry: FileEntry) -> Content:
+    return Content(entry.hash, entry.executable, entry.kind == DIR)
 
 
 def _nothing() -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from ..core.reconcile import Content, Side
-from ..protocol.models import Chunk, FileEntry
+from ..protocol.models import DIR, Chunk, FileEntry
 
 #: A stat cache entry recorded within this long of the file's mtime is "racy": a same-size write in
 #: the same timestamp tick would not show in the stat, so such an entry is re-hashed before trusted.
@@ -31,6 +31,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS base (
     path TEXT PRIMARY KEY,
     rev INTEGER NOT NULL,
+    kind TEXT NOT NULL,
     hash TEXT NOT NULL,
     size INTEGER NOT NULL,
     chunks TEXT NOT NULL,
@@ -57,6 +58,7 @@ class StatKey:
 class BaseEntry:
     path: str
     rev: int
+    kind: str
     hash: str
     size: int
     chunks: tuple[Chunk, ...]
@@ -66,8 +68,12 @@ class BaseEntry:
     racy: bool
 
     @property
+    def is_dir(self) -> bool:
+        return self.kind == DIR
+
+    @property
     def side(self) -> Side:
-        return Side(self.rev, Content(self.hash, self.executable))
+        return Side(self.rev, Content(self.hash, self.executable, self.is_dir))
 
     @property
     def stat_key(self) -> StatKey:
@@ -80,6 +86,7 @@ class BaseEntry:
         return cls(
             path=entry.path,
             rev=entry.rev,
+            kind=entry.kind,
             hash=entry.hash,
             size=entry.size,
             chunks=entry.chunks,
@@ -108,9 +115,9 @@ class Index:
             conn.executescript(_SCHEMA)
             entries = {}
             for row in conn.execute("SELECT * FROM base"):
-                p, rev, h, size, chunks, ex, mtime, inode, racy = row
+                p, rev, kind, h, size, chunks, ex, mtime, inode, racy = row
                 entries[p] = BaseEntry(
-                    p, rev, h, size, tuple(Chunk(*c) for c in json.loads(chunks)), bool(ex),
+                    p, rev, kind, h, size, tuple(Chunk(*c) for c in json.loads(chunks)), bool(ex),
                     mtime, inode, bool(racy),
                 )  # fmt: skip
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
@@ -133,10 +140,10 @@ class Index:
     async def put(self, entry: BaseEntry) -> None:
         chunks = json.dumps([[c.hash, c.size] for c in entry.chunks])
         await self._run(
-            "INSERT OR REPLACE INTO base VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO base VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                entry.path, entry.rev, entry.hash, entry.size, chunks, int(entry.executable),
-                entry.mtime_ns, entry.inode, int(entry.racy),
+                entry.path, entry.rev, entry.kind, entry.hash, entry.size, chunks,
+                int(entry.executable), entry.mtime_ns, entry.inode, int(entry.racy),
             ),
         )  # fmt: skip
         self._entries[entry.path] = entry

@@ -186,8 +186,9 @@ def _raise_for_status(response: httpx.Response) -> NoReturn:
     if status == 409:
         current = body.get("current")
         entry = _entry(current) if current else None
-        path = entry.path if entry else str(body.get("path", "?"))
-        raise Conflict(path, entry)
+        blocking = _entry(body["blocking"]) if body.get("blocking") else None
+        reason = str(body.get("reason", "stale"))
+        raise Conflict(entry.path if entry else "?", entry, reason=reason, blocking=blocking)
     if status == 422 and body.get("error") == "chunks_missing":
         raise ChunksMissing(list(body.get("missing") or []))
     if status >= 500:

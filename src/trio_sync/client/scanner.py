@@ -9,7 +9,6 @@ import errno
 import logging
 import os
 import stat
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +16,9 @@ import trio
 
 from ..core.hashing import chunk_file
 from ..core.reconcile import Content
-from ..errors import LocalChanged, TrioSyncError
-from ..protocol.models import Chunk
-from ..protocol.paths import STATE_DIR_NAME, is_valid_path
+from ..errors import InvalidPath, LocalChanged, TrioSyncError
+from ..protocol.models import DIR, FILE, Chunk
+from ..protocol.paths import STATE_DIR_NAME, check_path
 from .index import BaseEntry, StatKey
 
 log = logging.getLogger("trio_sync.client")
@@ -34,18 +33,30 @@ class Unsyncable(TrioSyncError):
 
 @dataclass(frozen=True, slots=True)
 class LocalFile:
+    """A file or folder as it is on disk now."""
+
     path: str
     stat: StatKey
     hash: str
     chunks: tuple[Chunk, ...]
+    kind: str = FILE
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == DIR
 
     @property
     def content(self) -> Content:
-        return Content(self.hash, self.stat.executable)
+        return Content(self.hash, self.stat.executable, self.is_dir)
 
 
 def stat_key(st: os.stat_result) -> StatKey:
     return StatKey(st.st_size, st.st_mtime_ns, st.st_ino, bool(st.st_mode & stat.S_IXUSR))
+
+
+def dir_key(st: os.stat_result) -> StatKey:
+    # A folder's size and mtime change with its entries; only its identity matters to us.
+    return StatKey(0, 0, st.st_ino, False)
 
 
 def local_path(root: Path, path: str) -> Path:
@@ -69,6 +80,8 @@ class Scanner:
     def __init__(self, root: Path, limiter: trio.CapacityLimiter) -> None:
         self.root = root
         self._limiter = limiter
+        #: Names found by the last walks that cannot be synced, with the reason.
+        self.rejected: dict[str, str] = {}
 
     async def scan(self, path: str, base: BaseEntry | None) -> LocalFile | None:
         """Describe *path* on disk now: None if absent; Unsyncable if it is not a regular file."""
@@ -87,7 +100,7 @@ class Scanner:
             if stat.S_ISLNK(st.st_mode):
                 raise Unsyncable(f"{path}: symlinks are not synced")
             if stat.S_ISDIR(st.st_mode):
-                return None
+                return LocalFile(path, dir_key(st), "", (), kind=DIR)
             if not stat.S_ISREG(st.st_mode):
                 raise Unsyncable(f"{path}: not a regular file")
             key = stat_key(st)
@@ -111,8 +124,8 @@ class Scanner:
         raise LocalChanged(f"{path}: still changing while being read")
 
     async def walk(self, *unders: str) -> list[str]:
-        """Every regular file below the folders *unders* (wire paths; none: the whole folder).
-        A path that is not a folder contributes nothing."""
+        """Every regular file and folder below the folders *unders* (wire paths; none: the whole
+        synced folder). A path that is not a folder contributes nothing."""
         tops = unders or ("",)
         result: list[str] = await trio.to_thread.run_sync(
             lambda: [p for top in tops for p in self._walk(top)], limiter=self._limiter
@@ -136,12 +149,18 @@ class Scanner:
                 rel = os.path.relpath(entry.path, self.root).replace(os.sep, "/")
                 if rel == STATE_DIR_NAME:
                     continue
-                if unicodedata.normalize("NFC", rel) != rel or not is_valid_path(rel):
-                    log.warning("skipping %r: not a valid NFC UTF-8 name", rel)
+                try:
+                    check_path(rel)
+                except InvalidPath as e:
+                    if rel not in self.rejected:
+                        log.warning("skipping %r: this name cannot be synced (%s)", rel, e)
+                    self.rejected[rel] = f"name cannot be synced: {e}"
                     continue
+                self.rejected.pop(rel, None)
                 if entry.is_symlink():
                     log.warning("skipping %s: symlinks are not synced", rel)
                 elif entry.is_dir(follow_symlinks=False):
+                    found.append(rel)
                     stack.append(Path(entry.path))
                 elif entry.is_file(follow_symlinks=False):
                     found.append(rel)

@@ -21,10 +21,10 @@ import trio
 
 from ..core.hashing import hash_bytes
 from ..errors import LocalChanged, ProtocolError
-from ..protocol.models import CommitRequest, FileEntry
+from ..protocol.models import DIR, CommitRequest, FileEntry
 from .index import BaseEntry, Index, StatKey
 from .remote import Remote
-from .scanner import LocalFile, local_path, stat_key
+from .scanner import LocalFile, dir_key, local_path, stat_key
 
 log = logging.getLogger("trio_sync.client")
 T = TypeVar("T")
@@ -78,6 +78,12 @@ class Transfer:
     # -- towards the server -------------------------------------------------------------------
 
     async def upload(self, local: LocalFile, base_rev: int) -> FileEntry:
+        if local.is_dir:
+            entry = await self.remote.commit(
+                CommitRequest(path=local.path, base_rev=base_rev, kind=DIR)
+            )
+            await self.index.put(BaseEntry.synced(entry, local.stat, we_wrote_it=True))
+            return entry
         missing = await self.remote.missing(c.hash for c in local.chunks)
         full = local_path(self.root, local.path)
         if missing:
@@ -120,6 +126,10 @@ class Transfer:
 
     async def download(self, entry: FileEntry, expected: LocalFile | None) -> None:
         """Make the local file *entry*'s content, if it is still *expected* (None: absent)."""
+        if entry.kind == DIR:
+            key = await self._thread(self._make_dir, entry.path, expected)
+            await self.index.put(BaseEntry.synced(entry, key, we_wrote_it=True))
+            return
         tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
         fd = await self._thread(
             os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
@@ -146,6 +156,16 @@ class Transfer:
         os.fsync(fd)
         os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
 
+    def _make_dir(self, path: str, expected: LocalFile | None) -> StatKey:
+        target = local_path(self.root, path)
+        if expected is None or not expected.is_dir:
+            _check_unchanged(target, expected, path)
+            target.mkdir(parents=True, exist_ok=True)
+        st = os.lstat(target)
+        if not stat.S_ISDIR(st.st_mode):
+            raise LocalChanged(f"{path}: changed locally meanwhile")
+        return dir_key(st)
+
     def _place(self, tmp: Path, path: str, expected: LocalFile | None) -> StatKey:
         target = local_path(self.root, path)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -162,15 +182,15 @@ class Transfer:
     def _delete_local(self, path: str, expected: LocalFile) -> None:
         target = local_path(self.root, path)
         _check_unchanged(target, expected, path)
-        os.unlink(target)
-        # Remove the folders this deletion left empty, never the root itself.
-        folder = target.parent
-        while folder != self.root:
+        if expected.is_dir:
             try:
-                folder.rmdir()
-            except OSError:
-                break
-            folder = folder.parent
+                target.rmdir()
+            except OSError as e:
+                if e.errno != errno.ENOTEMPTY:
+                    raise
+                raise FolderNotEmpty(path, [c.name for c in target.iterdir()]) from None
+        else:
+            os.unlink(target)
 
     async def set_aside(self, local: LocalFile) -> str:
         """Rename the local file to a conflict copy next to it; returns the copy's wire path."""
@@ -216,16 +236,27 @@ def _stat_or_none(path: Path) -> StatKey | None:
     return stat_key(st)
 
 
+class FolderNotEmpty(LocalChanged):
+    """A folder to delete still holds entries; `names` are what is in it."""
+
+    def __init__(self, path: str, names: list[str]) -> None:
+        super().__init__(f"{path}: folder is not empty yet")
+        self.path = path
+        self.names = names
+
+
 def _check_unchanged(target: Path, expected: LocalFile | None, path: str) -> None:
-    """Refuse to replace or remove anything but the exact file the decision was made about."""
+    """Refuse to replace or remove anything but the exact item the decision was made about."""
     try:
         st = os.lstat(target)
     except (FileNotFoundError, NotADirectoryError):
         if expected is None:
             return
         raise LocalChanged(f"{path}: vanished locally") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise IsADirectoryError(errno.EISDIR, "a folder is in the way of a file", path)
+    if expected is not None and expected.is_dir:
+        if not stat.S_ISDIR(st.st_mode) or st.st_ino != expected.stat.inode:
+            raise LocalChanged(f"{path}: changed locally meanwhile")
+        return
     if expected is None or not stat.S_ISREG(st.st_mode) or stat_key(st) != expected.stat:
         raise LocalChanged(f"{path}: changed locally meanwhile")
 

@@ -12,10 +12,11 @@ from enum import Enum
 
 @dataclass(frozen=True, slots=True)
 class Content:
-    """What makes two versions the same for sync purposes."""
+    """What makes two versions the same for sync purposes. A folder's content is just that."""
 
     hash: str
-    executable: bool
+    executable: bool = False
+    is_dir: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,4 +80,6 @@ def decide(base: Side | None, local: Content | None, remote: Side | None) -> Dec
         return Decision(
             Action.UPLOAD, base_rev=0, reason="changed locally, deleted on the server: edit wins"
         )
+    if local.is_dir != remote.content.is_dir:
+        return Decision(Action.CONFLICT, reason="a file and a folder with the same name")
     return Decision(Action.CONFLICT, reason="changed on both sides")

@@ -25,6 +25,10 @@ MAX_CHUNKS = 1_048_576
 #: Names sent in headers (client name) are bounded and printable.
 MAX_NAME_LEN = 64
 
+FILE = "file"
+DIR = "dir"
+KINDS = (FILE, DIR)
+
 _HASH = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -74,6 +78,13 @@ class Chunk:
         return cls(check_hash(data[0]), size)
 
 
+def _kind(data: dict[str, Any]) -> str:
+    kind = data.get("kind", FILE)
+    if kind not in KINDS:
+        raise ProtocolError(f"'kind' must be one of {KINDS}")
+    return str(kind)
+
+
 def _chunks(data: dict[str, Any]) -> tuple[Chunk, ...]:
     raw = data.get("chunks", [])
     if not isinstance(raw, list) or len(raw) > MAX_CHUNKS:
@@ -83,11 +94,15 @@ def _chunks(data: dict[str, Any]) -> tuple[Chunk, ...]:
 
 @dataclass(frozen=True, slots=True)
 class FileEntry:
-    """One version of one path on the server; `deleted` versions are tombstones."""
+    """One version of one path on the server; `deleted` versions are tombstones.
+
+    Folders are entries too (`kind` "dir", no content), so empty folders exist on the wire.
+    """
 
     path: str
     rev: int
     deleted: bool = False
+    kind: str = FILE
     hash: str = ""
     size: int = 0
     chunks: tuple[Chunk, ...] = field(default=())
@@ -98,10 +113,19 @@ class FileEntry:
     def to_json(self) -> dict[str, Any]:
         if self.deleted:
             return {"path": self.path, "rev": self.rev, "deleted": True, "origin": self.origin}
+        if self.kind == DIR:
+            return {
+                "path": self.path,
+                "rev": self.rev,
+                "deleted": False,
+                "kind": DIR,
+                "origin": self.origin,
+            }
         return {
             "path": self.path,
             "rev": self.rev,
             "deleted": False,
+            "kind": FILE,
             "hash": self.hash,
             "size": self.size,
             "chunks": [c.to_json() for c in self.chunks],
@@ -121,6 +145,8 @@ class FileEntry:
             raise ProtocolError("'origin' must be a string")
         if _bool(data, "deleted"):
             return cls(path=path, rev=rev, deleted=True, origin=origin)
+        if _kind(data) == DIR:
+            return cls(path=path, rev=rev, kind=DIR, origin=origin)
         chunks = _chunks(data)
         return cls(
             path=path,
@@ -144,6 +170,7 @@ class CommitRequest:
     path: str
     base_rev: int
     deleted: bool = False
+    kind: str = FILE
     hash: str = ""
     size: int = 0
     chunks: tuple[Chunk, ...] = ()
@@ -154,6 +181,8 @@ class CommitRequest:
         out: dict[str, Any] = {"path": self.path, "base_rev": self.base_rev}
         if self.deleted:
             out["deleted"] = True
+        elif self.kind == DIR:
+            out["kind"] = DIR
         else:
             out.update(
                 hash=self.hash,
@@ -172,6 +201,8 @@ class CommitRequest:
         base_rev = _int(data, "base_rev")
         if _bool(data, "deleted"):
             return cls(path=path, base_rev=base_rev, deleted=True)
+        if _kind(data) == DIR:
+            return cls(path=path, base_rev=base_rev, kind=DIR)
         chunks = _chunks(data)
         size = _int(data, "size")
         if size != sum(c.size for c in chunks):

@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 
 from ..errors import Conflict, InvalidPath, ProtocolError, StoreError
 from ..protocol.models import (
+    DIR,
     MAX_CHUNK_SIZE,
     MAX_HASHES_PER_QUERY,
     CommitRequest,
@@ -172,10 +173,19 @@ def create_app(
             entry, created = await meta.commit(req, origin)
         except Conflict as conflict:
             current = conflict.current.to_json() if conflict.current else None
-            return _error(409, "conflict", str(conflict), current=current)
+            extra: dict[str, Any] = {"current": current, "reason": conflict.reason}
+            if conflict.blocking is not None:
+                extra["blocking"] = conflict.blocking.to_json()
+            return _error(409, "conflict", str(conflict), **extra)
         if created:
             hub.publish(entry.rev)
-            what = "deleted" if entry.deleted else f"{entry.size} bytes"
+            what = (
+                "deleted"
+                if entry.deleted
+                else "folder"
+                if entry.kind == DIR
+                else f"{entry.size} bytes"
+            )
             log.info("rev %d: %s (%s) from %s", entry.rev, entry.path, what, origin)
         return _json({"entry": entry.to_json()})
 

@@ -21,7 +21,7 @@ import trio
 
 from ..core.hashing import content_hash, hash_bytes
 from ..errors import Conflict, StoreError
-from ..protocol.models import MAX_CHUNK_SIZE, Chunk, CommitRequest, FileEntry, check_hash
+from ..protocol.models import DIR, FILE, MAX_CHUNK_SIZE, Chunk, CommitRequest, FileEntry, check_hash
 
 
 class MetaStore(Protocol):
@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS versions (
     rev INTEGER PRIMARY KEY AUTOINCREMENT,
     path TEXT NOT NULL,
     deleted INTEGER NOT NULL,
+    kind TEXT NOT NULL,
     hash TEXT NOT NULL,
     size INTEGER NOT NULL,
     chunks TEXT NOT NULL,
@@ -67,15 +68,18 @@ CREATE TABLE IF NOT EXISTS current (
 );
 """
 
-_COLUMNS = "v.rev, v.path, v.deleted, v.hash, v.size, v.chunks, v.executable, v.mtime_ns, v.origin"
+_COLUMNS = (
+    "v.rev, v.path, v.deleted, v.kind, v.hash, v.size, v.chunks, v.executable, v.mtime_ns, v.origin"
+)
 
 
 def _entry(row: tuple[Any, ...]) -> FileEntry:
-    rev, path, deleted, hash_, size, chunks, executable, mtime_ns, origin = row
+    rev, path, deleted, kind, hash_, size, chunks, executable, mtime_ns, origin = row
     return FileEntry(
         path=path,
         rev=rev,
         deleted=bool(deleted),
+        kind=kind,
         hash=hash_,
         size=size,
         chunks=tuple(Chunk(h, s) for h, s in json.loads(chunks)),
@@ -138,60 +142,48 @@ class SQLiteMetaStore:
         result: FileEntry | None = await self._run(self._current, path)
         return result
 
-    def _commit(self, req: CommitRequest, origin: str) -> tuple[FileEntry, bool]:
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            cur = self._current(req.path)
-            absent = cur is None or cur.deleted
-            current_rev = cur.rev if cur else 0
-            if req.base_rev != current_rev and not (absent and req.base_rev == 0):
-                raise Conflict(req.path, cur)
-            if req.deleted and absent:
-                conn.execute("ROLLBACK")
-                if cur is None:
-                    raise Conflict(req.path, None)
-                return cur, False  # deleting a tombstone: nothing to do
-            if (
-                cur is not None
-                and not cur.deleted
-                and not req.deleted
-                and (cur.hash, cur.executable, cur.mtime_ns)
-                == (req.hash, req.executable, req.mtime_ns)
-            ):
-                conn.execute("ROLLBACK")
-                return cur, False
-            chunks = json.dumps([[c.hash, c.size] for c in req.chunks])
-            rev = conn.execute(
-                "INSERT INTO versions (path, deleted, hash, size, chunks, executable, mtime_ns,"
-                " origin, committed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    req.path,
-                    int(req.deleted),
-                    req.hash,
-                    req.size,
-                    chunks,
-                    int(req.executable),
-                    req.mtime_ns,
-                    origin,
-                    time.time(),
-                ),
-            ).lastrowid
-            assert rev is not None
-            conn.execute(
-                "INSERT INTO current (path, rev) VALUES (?, ?)"
-                " ON CONFLICT (path) DO UPDATE SET rev = excluded.rev",
-                (req.path, rev),
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        entry = FileEntry(
+    def _live(self, path: str) -> FileEntry | None:
+        entry = self._current(path)
+        return entry if entry is not None and not entry.deleted else None
+
+    def _first_live_below(self, path: str) -> FileEntry | None:
+        # Paths below "a/b" sort between "a/b/" and "a/b0" ("0" follows "/" in code points).
+        row = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM current c JOIN versions v ON v.rev = c.rev"
+            " WHERE c.path >= ? AND c.path < ? AND v.deleted = 0 ORDER BY c.path LIMIT 1",
+            (path + "/", path + "0"),
+        ).fetchone()
+        return _entry(row) if row else None
+
+    def _insert(self, req: CommitRequest, origin: str) -> FileEntry:
+        chunks = json.dumps([[c.hash, c.size] for c in req.chunks])
+        rev = self._conn.execute(
+            "INSERT INTO versions (path, deleted, kind, hash, size, chunks, executable, mtime_ns,"
+            " origin, committed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                req.path,
+                int(req.deleted),
+                req.kind,
+                req.hash,
+                req.size,
+                chunks,
+                int(req.executable),
+                req.mtime_ns,
+                origin,
+                time.time(),
+            ),
+        ).lastrowid
+        assert rev is not None
+        self._conn.execute(
+            "INSERT INTO current (path, rev) VALUES (?, ?)"
+            " ON CONFLICT (path) DO UPDATE SET rev = excluded.rev",
+            (req.path, rev),
+        )
+        return FileEntry(
             path=req.path,
             rev=rev,
             deleted=req.deleted,
+            kind=req.kind,
             hash=req.hash,
             size=req.size,
             chunks=req.chunks,
@@ -199,10 +191,58 @@ class SQLiteMetaStore:
             mtime_ns=req.mtime_ns,
             origin=origin,
         )
+
+    def _commit(self, req: CommitRequest, origin: str) -> tuple[FileEntry, bool]:
+        """Check and apply one change in one transaction. The tree stays consistent: every live
+        entry's parents are live folders, and no file has anything below it."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            cur = self._current(req.path)
+            live = cur if cur is not None and not cur.deleted else None
+            if req.base_rev != (cur.rev if cur else 0) and not (live is None and req.base_rev == 0):
+                raise Conflict(req.path, cur)
+            if req.deleted:
+                if live is None:
+                    if cur is None:
+                        raise Conflict(req.path, None)
+                    conn.execute("ROLLBACK")
+                    return cur, False  # deleting a tombstone: nothing to do
+                if live.kind == DIR and self._first_live_below(req.path) is not None:
+                    raise Conflict(req.path, cur, reason="not_empty")
+            else:
+                parents = req.path.split("/")[:-1]
+                ancestors = ["/".join(parents[: i + 1]) for i in range(len(parents))]
+                missing = []
+                for ancestor in ancestors:
+                    existing = self._live(ancestor)
+                    if existing is None:
+                        missing.append(ancestor)
+                    elif existing.kind == FILE:
+                        raise Conflict(req.path, cur, reason="blocked", blocking=existing)
+                if req.kind == FILE:
+                    below = self._first_live_below(req.path)
+                    if below is not None:
+                        raise Conflict(req.path, cur, reason="blocked", blocking=below)
+                if live is not None and _same(live, req):
+                    conn.execute("ROLLBACK")
+                    return live, False
+                for ancestor in missing:  # parents exist explicitly, so empty folders can too
+                    self._insert(CommitRequest(path=ancestor, base_rev=0, kind=DIR), origin)
+            entry = self._insert(req, origin)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
         return entry, True
 
     async def commit(self, request: CommitRequest, origin: str) -> tuple[FileEntry, bool]:
-        if not request.deleted and content_hash(request.chunks) != request.hash:
+        if (
+            not request.deleted
+            and request.kind == FILE
+            and content_hash(request.chunks) != request.hash
+        ):
             raise StoreError("'hash' does not match the chunk list")
         result: tuple[FileEntry, bool] = await self._run(self._commit, request, origin)
         return result
@@ -294,6 +334,18 @@ class DiskBlobStore:
     async def get(self, hash: str) -> bytes | None:
         result: bytes | None = await trio.to_thread.run_sync(self._get, hash, limiter=self._limiter)
         return result
+
+
+def _same(entry: FileEntry, req: CommitRequest) -> bool:
+    if entry.kind != req.kind:
+        return False
+    if entry.kind == DIR:
+        return True
+    return (entry.hash, entry.executable, entry.mtime_ns) == (
+        req.hash,
+        req.executable,
+        req.mtime_ns,
+    )
 
 
 def _fsync_dir(path: Path) -> None:
