@@ -29,6 +29,17 @@ def typecheck(session: nox.Session) -> None:
 
 
 @nox.session
+def soak(session: nox.Session) -> None:
+    """Random convergence histories until TRIO_SYNC_SOAK_SECONDS (default 600) run out."""
+    session.install("-e", ".[test]")
+    seconds = session.env.get("TRIO_SYNC_SOAK_SECONDS", "600")
+    session.run(
+        "pytest", "tests/test_convergence.py::test_soak", "-x", "-s", *session.posargs,
+        env={"TRIO_SYNC_SOAK_SECONDS": seconds},
+    )  # fmt: skip
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     session.install("-e", ".")
     session.run("python", "benchmarks/bench.py", *session.posargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import suppress
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,14 +100,17 @@ def start_client(
 ) -> Callable[..., object]:
     """`await start_client("a")`: a live client, returned once its first reconcile is done."""
 
-    async def start(name: str, **overrides: object) -> ClientHandle:
+    async def start(name: str, *, wait: bool = True, **overrides: object) -> ClientHandle:
+        """With wait=False, return at once (the server may be down; the client retries)."""
         engine = Engine(client_config(name, **overrides))
         handle = ClientHandle(engine, engine.root)
 
         async def run(task_status: trio.TaskStatus[None]) -> None:
+            if not wait:
+                task_status.started()
             try:
                 with handle.cancel_scope:
-                    await engine.run(task_status=task_status)
+                    await engine.run(task_status=task_status if wait else trio.TASK_STATUS_IGNORED)
             finally:
                 handle.done.set()
 
@@ -123,7 +127,8 @@ def tree(root: Path) -> dict[str, bytes]:
         dirs[:] = [d for d in dirs if not (Path(folder) == root and d == STATE_DIR_NAME)]
         for name in files:
             full = Path(folder) / name
-            out[full.relative_to(root).as_posix()] = full.read_bytes()
+            with suppress(FileNotFoundError, IsADirectoryError):  # changed meanwhile: poll again
+                out[full.relative_to(root).as_posix()] = full.read_bytes()
     return out
 
 
