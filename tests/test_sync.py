@@ -323,3 +323,51 @@ async def test_rejected_token_is_fatal_not_a_retry_loop(
     engine = Engine(client_config("a", token="wrong"))
     with trio.fail_after(5), pytest.raises(AuthenticationFailed):
         await engine.run()
+
+
+async def test_ignore_rules_apply_both_ways_and_follow_the_rules_file(
+    start_client: Start, tmp_path: Path
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    write(a / ".trio-syncignore", "*.log\nbuild/\n")
+    write(a / "app.log", "noise from a")
+    write(a / "build/out.o", "object")
+    write(a / "src.txt", "source")
+    client_a = await start_client("a")
+    await start_client("b")
+    await eventually(lambda: (b / "src.txt").exists() and (b / ".trio-syncignore").exists())
+    write(b / "debug.log", "noise from b")
+    write(b / "b.txt", "from b")
+    await eventually(lambda: (a / "b.txt").exists())
+    assert set((client_a.engine.remote_state or {}).keys()) == {
+        ".trio-syncignore",
+        "src.txt",
+        "b.txt",
+    }
+    assert not (b / "app.log").exists()
+    assert not (b / "build").exists()
+    assert not (a / "debug.log").exists()
+
+    write(b / ".trio-syncignore", "build/\n")  # logs are no longer ignored, anywhere
+    await eventually(lambda: (b / "app.log").exists() and (a / "debug.log").exists())
+    assert not (b / "build").exists()
+
+
+async def test_names_that_differ_only_in_normalisation_are_both_kept(
+    start_client: Start, tmp_path: Path
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    nfc, nfd = "caf\u00e9.txt", "cafe\u0301.txt"
+    write(a / nfc, "composed")
+    write(a / nfd, "decomposed")
+    await start_client("a")
+    await start_client("b")
+    await in_sync(a, b)
+    files = tree(b)
+    assert files[nfc] == b"composed"
+    copies = [p for p in files if p.startswith("caf\u00e9.sync-conflict-")]
+    assert [files[c] for c in copies] == [b"decomposed"]
+
+    write(a / "na\u0308me.txt", "made live")  # decomposed, written while watching
+    await eventually(lambda: (b / "n\u00e4me.txt").exists())
+    assert not (a / "na\u0308me.txt").exists()

@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import shutil
+import unicodedata
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -20,6 +21,7 @@ from functools import partial
 import trio
 
 from ..config import ClientConfig
+from ..core.ignore import IGNORE_FILE, IgnoreRules
 from ..core.reconcile import Action, Content, Side, decide
 from ..errors import (
     AuthenticationFailed,
@@ -40,8 +42,8 @@ from ..protocol.sse import ServerSentEvent
 from .index import BaseEntry, Index, is_racy
 from .queue import PathQueue
 from .remote import Remote
-from .scanner import Scanner, Unsyncable
-from .transfer import FolderNotEmpty, Transfer
+from .scanner import Ignored, Scanner, Unsyncable
+from .transfer import FolderNotEmpty, Transfer, normalize_name
 from .watcher import watch
 
 log = logging.getLogger("trio_sync.client")
@@ -68,6 +70,7 @@ class Engine:
         self.failed: dict[str, str] = {}
         self._warned: set[str] = set()
         self._rechecks: dict[str, int] = {}
+        self._ignore_text = ""
         self._io = trio.CapacityLimiter(4)
         self._index: Index | None = None
         self._scanner = Scanner(self.root, self._io)
@@ -96,6 +99,7 @@ class Engine:
             return lock
 
         lock = await trio.to_thread.run_sync(prepare)
+        await self._reload_ignore()
         try:
             self._index = await Index.open(self.state_dir / "state.db")
             try:
@@ -235,18 +239,60 @@ class Engine:
 
     # -- finding work ---------------------------------------------------------------------------
 
+    async def _walk(self, *unders: str) -> list[str]:
+        """Walk, first giving names that differ from their NFC form that form (Linux keeps
+        both spellings apart; the wire and other systems would not)."""
+        found = await self._scanner.walk(*unders)
+        while self._scanner.denormalized:
+            rel = self._scanner.denormalized.pop()
+            try:
+                new = await trio.to_thread.run_sync(
+                    normalize_name, self.root, rel, self.config.name, limiter=self._io
+                )
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                log.error("cannot rename %r to its NFC form: %s", rel, e)
+                continue
+            log.warning("renamed %r to %r: names are synced in Unicode NFC form", rel, new)
+            found.append(new)
+            found.extend(await self._scanner.walk(new))
+        return found
+
     async def _mark_all(self) -> None:
         assert self.remote_state is not None
-        paths = set(await self._scanner.walk())
+        paths = set(await self._walk())
         paths.update(self.index.paths())
         paths.update(p for p, e in self.remote_state.items() if not e.deleted)
         self.queue.mark_many(sorted(paths))
 
+    async def _reload_ignore(self) -> bool:
+        """Read the ignore rules again; True if they changed."""
+
+        def read() -> str:
+            try:
+                return (self.root / IGNORE_FILE).read_text(encoding="utf-8", errors="replace")
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                return ""
+
+        text = await trio.to_thread.run_sync(read)
+        if text == self._ignore_text:
+            return False
+        self._ignore_text = text
+        self._scanner.ignore = IgnoreRules.parse(text)
+        log.info("ignore rules %s", "loaded" if text else "cleared")
+        return True
+
     async def _on_local_change(self, paths: set[str]) -> None:
+        if IGNORE_FILE in paths and await self._reload_ignore() and self.remote_state is not None:
+            await self._mark_all()  # what is ignored changed: look at everything again
         changed = {p for p in paths if is_valid_path(p)}
+        for p in paths - changed:
+            if is_valid_path(unicodedata.normalize("NFC", p)):
+                self._scanner.denormalized.add(p)  # renamed by _walk, if it still exists
         self.queue.mark_many(changed)
         # A folder moved or deleted is one event for the folder: look at everything under it.
-        self.queue.mark_many(await self._scanner.walk(*changed))
+        self.queue.mark_many(await self._walk(*changed))
         for known in self.index.paths():
             parts = known.split("/")
             if any("/".join(parts[:i]) in changed for i in range(1, len(parts))):
@@ -302,6 +348,8 @@ class Engine:
                 await self._recheck(path, e, also=[prefix + name for name in e.names])
         except (LocalChanged, ChunksMissing, FileNotFoundError) as e:
             await self._recheck(path, e)
+        except Ignored:
+            await self._forget_ignored(path)
         except Unsyncable as e:
             if path not in self._warned:
                 self._warned.add(path)
@@ -323,6 +371,12 @@ class Engine:
         await trio.sleep(RECHECK_DELAY)
         self.queue.mark(path)
 
+    async def _forget_ignored(self, path: str) -> None:
+        # Ignored paths are neither sent nor received. Forgetting the base means that lifting
+        # the rule later compares both sides afresh instead of reading absence as deletion.
+        if self.index.get(path) is not None:
+            await self.index.remove(path)
+
     async def _apply(self, transfer: Transfer, path: str) -> None:
         assert self.remote_state is not None
         base = self.index.get(path)
@@ -330,6 +384,10 @@ class Engine:
         remote = self.remote_state.get(path)
         if remote is not None and remote.deleted:
             remote = None
+        if local is None:
+            known = remote or base
+            if known is not None and self._scanner.ignore.ignored(path, is_dir=known.kind == DIR):
+                raise Ignored(path)
         decision = decide(
             base.side if base else None,
             local.content if local else None,
@@ -374,6 +432,8 @@ class Engine:
                 self.queue.mark_many(await self._scanner.walk(copy))
             await transfer.download(remote, None)
             log.info("downloaded %s (the server's version)", path)
+        if path == IGNORE_FILE and await self._reload_ignore():
+            await self._mark_all()
 
     async def _differences(self) -> list[str]:
         assert self.remote_state is not None
@@ -383,7 +443,10 @@ class Engine:
         for path in sorted(set(await self._scanner.walk()) | set(live)):
             try:
                 local = await self._scanner.scan(path, self.index.get(path))
-            except (Unsyncable, LocalChanged):
+            except (Unsyncable, Ignored, LocalChanged):
+                continue
+            remote_kind_dir = path in live and live[path].kind == DIR
+            if local is None and self._scanner.ignore.ignored(path, is_dir=remote_kind_dir):
                 continue
             remote = live.get(path)
             if local is None and remote is not None:

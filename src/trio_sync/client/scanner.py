@@ -9,16 +9,18 @@ import errno
 import logging
 import os
 import stat
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
 from ..core.hashing import chunk_file
+from ..core.ignore import IgnoreRules
 from ..core.reconcile import Content
 from ..errors import InvalidPath, LocalChanged, TrioSyncError
 from ..protocol.models import DIR, FILE, Chunk
-from ..protocol.paths import STATE_DIR_NAME, check_path
+from ..protocol.paths import STATE_DIR_NAME, check_path, is_valid_path
 from .index import BaseEntry, StatKey
 
 log = logging.getLogger("trio_sync.client")
@@ -29,6 +31,10 @@ HASH_ATTEMPTS = 3
 
 class Unsyncable(TrioSyncError):
     """A path we deliberately leave alone (a symlink, a device, a path under a symlinked folder)."""
+
+
+class Ignored(TrioSyncError):
+    """A path matched by the ignore rules."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +88,9 @@ class Scanner:
         self._limiter = limiter
         #: Names found by the last walks that cannot be synced, with the reason.
         self.rejected: dict[str, str] = {}
+        #: Names that would be valid in NFC form; the engine renames them.
+        self.denormalized: set[str] = set()
+        self.ignore = IgnoreRules()
 
     async def scan(self, path: str, base: BaseEntry | None) -> LocalFile | None:
         """Describe *path* on disk now: None if absent; Unsyncable if it is not a regular file."""
@@ -99,6 +108,8 @@ class Scanner:
                 return None
             if stat.S_ISLNK(st.st_mode):
                 raise Unsyncable(f"{path}: symlinks are not synced")
+            if self.ignore.ignored(path, is_dir=stat.S_ISDIR(st.st_mode)):
+                raise Ignored(path)
             if stat.S_ISDIR(st.st_mode):
                 return LocalFile(path, dir_key(st), "", (), kind=DIR)
             if not stat.S_ISREG(st.st_mode):
@@ -152,11 +163,16 @@ class Scanner:
                 try:
                     check_path(rel)
                 except InvalidPath as e:
+                    if is_valid_path(unicodedata.normalize("NFC", rel)):
+                        self.denormalized.add(rel)
+                        continue
                     if rel not in self.rejected:
                         log.warning("skipping %r: this name cannot be synced (%s)", rel, e)
                     self.rejected[rel] = f"name cannot be synced: {e}"
                     continue
                 self.rejected.pop(rel, None)
+                if self.ignore.ignored(rel, is_dir=entry.is_dir(follow_symlinks=False)):
+                    continue
                 if entry.is_symlink():
                     log.warning("skipping %s: symlinks are not synced", rel)
                 elif entry.is_dir(follow_symlinks=False):

@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import stat
+import unicodedata
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -208,6 +209,20 @@ class Transfer:
             candidate = conflict_name(local.path, f"{self._name}-{n}", when)
         os.rename(target, self.root / candidate)
         return candidate
+
+
+def normalize_name(root: Path, rel: str, client: str) -> str:
+    """Rename local *rel* to its NFC form; if that name is taken, to a conflict name of it."""
+    target = unicodedata.normalize("NFC", rel)
+    if os.path.lexists(root / target):
+        when = datetime.now(UTC)
+        target = conflict_name(target, client, when)
+        n = 1
+        while os.path.lexists(root / target):
+            n += 1
+            target = conflict_name(unicodedata.normalize("NFC", rel), f"{client}-{n}", when)
+    os.rename(root / rel, root / target)
+    return target
 
 
 def _read_verified(fd: int, size: int, offset: int, expected_hash: str) -> bytes:
