@@ -87,6 +87,7 @@ def client_config(server: ServerHandle, tmp_path: Path) -> Callable[..., ClientC
             "backoff_initial": 0.05,
             "backoff_max": 0.5,
             "debounce_ms": 50,
+            "settle_seconds": 0.1,
         }
         values.update(overrides)
         return ClientConfig(**values)  # type: ignore[arg-type]

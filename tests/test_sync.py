@@ -371,3 +371,76 @@ async def test_names_that_differ_only_in_normalisation_are_both_kept(
     write(a / "na\u0308me.txt", "made live")  # decomposed, written while watching
     await eventually(lambda: (b / "n\u00e4me.txt").exists())
     assert not (a / "na\u0308me.txt").exists()
+
+
+def chunk_downloads(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [m for m in messages(caplog) if "GET" in m and "/chunks/" in m]
+
+
+async def test_moves_and_copies_reuse_local_content_instead_of_downloading(
+    start_client: Start, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    for i in range(5):
+        write(a / f"album/photo{i}.jpg", os.urandom(20_000))
+    write(a / "doc.txt", "document")
+    await start_client("a")
+    await start_client("b")
+    await in_sync(a, b)
+
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+    (a / "album").rename(a / "album-2026")
+    shutil.copy(a / "doc.txt", a / "doc copy.txt")
+    await in_sync(a, b)
+    assert chunk_downloads(caplog) == []  # nothing was fetched again
+    placed = [m for m in messages(caplog) if m.startswith("placed")]
+    assert len(placed) == 6
+
+
+async def test_a_file_still_being_written_is_uploaded_once(
+    start_client: Start, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    await start_client("a", settle_seconds=0.8)
+    await start_client("b")
+    caplog.set_level(logging.INFO)
+    with open(a / "growing.bin", "wb") as f:  # noqa: ASYNC230 - a writer that pauses
+        for _ in range(5):
+            f.write(os.urandom(10_000))
+            f.flush()
+            await trio.sleep(0.1)
+    await eventually(lambda: (b / "growing.bin").exists())
+    await in_sync(a, b)
+    uploads = [m for m in messages(caplog) if m.startswith("uploaded growing.bin")]
+    assert len(uploads) == 1
+
+
+async def test_editor_saves_and_bulk_creation_make_one_change_each(
+    start_client: Start, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    write(a / "notes.md", "v1")
+    await start_client("a")
+    await start_client("b")
+    await in_sync(a, b)
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+
+    # An editor's save: write a temp file, then rename it over the original.
+    write(a / ".notes.md.swp", "v2")
+    os.rename(a / ".notes.md.swp", a / "notes.md")
+    # `tar x`: many files at once.
+    for i in range(200):
+        write(a / f"unpacked/dir{i % 10}/file{i}", f"content {i}")
+    await in_sync(a, b)
+
+    def uploads() -> list[str]:
+        return [m.split()[1] for m in messages(caplog) if m.startswith("uploaded")]
+
+    await eventually(lambda: len(uploads()) >= 201)
+    await trio.sleep(0.2)  # anything more would be a repeat
+    assert sorted(uploads()) == sorted(
+        ["notes.md", *(f"unpacked/dir{i % 10}/file{i}" for i in range(200))]
+    )
+    assert (b / "notes.md").read_text() == "v2"

@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import shutil
+import time
 import unicodedata
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -42,8 +43,8 @@ from ..protocol.sse import ServerSentEvent
 from .index import BaseEntry, Index, is_racy
 from .queue import PathQueue
 from .remote import Remote
-from .scanner import Ignored, Scanner, Unsyncable
-from .transfer import FolderNotEmpty, Transfer, normalize_name
+from .scanner import Ignored, LocalFile, Scanner, Unsyncable
+from .transfer import FolderNotEmpty, Parking, Transfer, normalize_name
 from .watcher import watch
 
 log = logging.getLogger("trio_sync.client")
@@ -52,6 +53,8 @@ log = logging.getLogger("trio_sync.client")
 RECHECK_DELAY = 0.2
 #: A file that changed under us this many times in a row is reported as failed (retried later).
 MAX_RECHECKS = 25
+#: A file that keeps being modified is uploaded anyway after this many seconds.
+MAX_SETTLE_WAIT = 30.0
 #: Live mode looks again at paths that failed (permissions, a folder in the way, ...) this often.
 RETRY_FAILED_EVERY = 30.0
 
@@ -74,6 +77,9 @@ class Engine:
         self._io = trio.CapacityLimiter(4)
         self._index: Index | None = None
         self._scanner = Scanner(self.root, self._io)
+        self._parking = Parking(self.state_dir / "tmp")
+        #: When we first saw a file still being written (see ClientConfig.settle_seconds).
+        self._unsettled: dict[str, float] = {}
 
     @property
     def index(self) -> Index:
@@ -118,7 +124,9 @@ class Engine:
 
     def _transfer(self, remote: Remote) -> Transfer:
         tmp = self.state_dir / "tmp"
-        return Transfer(self.root, tmp, self.index, remote, self._io, self.config.name)
+        return Transfer(
+            self.root, tmp, self.index, remote, self._io, self.config.name, self._parking
+        )
 
     # -- the two modes ----------------------------------------------------------------------
 
@@ -145,7 +153,7 @@ class Engine:
                             )
                             await nursery.start(self._listen, remote)
                             self._start_workers(nursery, remote)
-                            nursery.start_soon(self._retry_failed)
+                            nursery.start_soon(self._housekeeping)
                             await self._mark_all()
                             await self.queue.wait_idle()
                             log.info("in sync with %s", self.config.server_url)
@@ -298,10 +306,11 @@ class Engine:
             if any("/".join(parts[:i]) in changed for i in range(1, len(parts))):
                 self.queue.mark(known)
 
-    async def _retry_failed(self) -> None:
+    async def _housekeeping(self) -> None:
         while True:
             await trio.sleep(RETRY_FAILED_EVERY)
             self.queue.mark_many(list(self.failed))
+            await trio.to_thread.run_sync(self._parking.expire, limiter=self._io)
 
     # -- doing the work ---------------------------------------------------------------------
 
@@ -346,6 +355,9 @@ class Engine:
                 self.queue.mark(path)
             else:
                 await self._recheck(path, e, also=[prefix + name for name in e.names])
+        except StillWriting:
+            await trio.sleep(self.config.settle_seconds / 2)
+            self.queue.mark(path)
         except (LocalChanged, ChunksMissing, FileNotFoundError) as e:
             await self._recheck(path, e)
         except Ignored:
@@ -370,6 +382,21 @@ class Engine:
         self.queue.mark_many(also)
         await trio.sleep(RECHECK_DELAY)
         self.queue.mark(path)
+
+    def _settled(self, local: LocalFile) -> bool:
+        """Upload a file only once it has not been modified for a moment, so a file being
+        written is not sent half way, and again, and again. A file that never rests is sent
+        anyway after MAX_SETTLE_WAIT (hashes are checked again at commit)."""
+        settle = self.config.settle_seconds
+        now = time.time()
+        if now - local.stat.mtime_ns / 1e9 >= settle:
+            self._unsettled.pop(local.path, None)
+            return True
+        since = self._unsettled.setdefault(local.path, now)
+        if now - since >= MAX_SETTLE_WAIT:
+            self._unsettled.pop(local.path, None)
+            return True
+        return False
 
     async def _forget_ignored(self, path: str) -> None:
         # Ignored paths are neither sent nor received. Forgetting the base means that lifting
@@ -405,8 +432,13 @@ class Engine:
             await self.index.remove(path)
         elif action is Action.UPLOAD:
             assert local is not None
+            if not local.is_dir and not self._settled(local):
+                raise StillWriting(f"{path}: still being written")
             self.remote_state[path] = await transfer.upload(local, decision.base_rev)
-            log.info("uploaded %s (%s, %d bytes)", path, why, local.stat.size)
+            if local.is_dir:
+                log.info("created folder %s on the server (%s)", path, why)
+            else:
+                log.info("uploaded %s (%s, %d bytes)", path, why, local.stat.size)
         elif action is Action.DELETE_REMOTE:
             below = self._live_remote_below(path)
             if below:
@@ -416,8 +448,12 @@ class Engine:
             log.info("deleted %s on the server (%s)", path, why)
         elif action is Action.DOWNLOAD:
             assert remote is not None
-            await transfer.download(remote, local)
-            log.info("downloaded %s (%s, %d bytes)", path, why, remote.size)
+            if await transfer.download(remote, local):
+                log.info("placed %s from a local copy (%s, %d bytes)", path, why, remote.size)
+            elif remote.kind == DIR:
+                log.info("created folder %s (%s)", path, why)
+            else:
+                log.info("downloaded %s (%s, %d bytes)", path, why, remote.size)
         elif action is Action.DELETE_LOCAL:
             assert local is not None
             await transfer.delete_local(path, local)
@@ -456,6 +492,10 @@ class Engine:
             elif local and remote and local.content != _content(remote):
                 problems.append(f"{path}: differs from the server")
         return problems
+
+
+class StillWriting(LocalChanged):
+    """The file was modified moments ago; wait for it to settle."""
 
 
 def _content(entry: FileEntry) -> Content:

@@ -104,6 +104,9 @@ class Index:
         self._conn = conn
         self._entries = entries
         self._meta = meta
+        self._by_hash: dict[str, set[str]] = {}
+        for entry in entries.values():
+            self._by_hash.setdefault(entry.hash, set()).add(entry.path)
         self._limiter = trio.CapacityLimiter(1)
 
     @classmethod
@@ -146,15 +149,32 @@ class Index:
                 int(entry.executable), entry.mtime_ns, entry.inode, int(entry.racy),
             ),
         )  # fmt: skip
+        self._unlink_hash(entry.path)
         self._entries[entry.path] = entry
+        self._by_hash.setdefault(entry.hash, set()).add(entry.path)
+
+    def _unlink_hash(self, path: str) -> None:
+        old = self._entries.get(path)
+        if old is not None:
+            paths = self._by_hash.get(old.hash)
+            if paths is not None:
+                paths.discard(path)
+                if not paths:
+                    del self._by_hash[old.hash]
+
+    def with_hash(self, hash: str) -> list[BaseEntry]:
+        """Synced files that had this content when last synced (check their stat before use)."""
+        return [self._entries[p] for p in self._by_hash.get(hash, ()) if p in self._entries]
 
     async def remove(self, path: str) -> None:
         await self._run("DELETE FROM base WHERE path = ?", (path,))
+        self._unlink_hash(path)
         self._entries.pop(path, None)
 
     async def clear(self) -> None:
         await self._run("DELETE FROM base")
         self._entries.clear()
+        self._by_hash.clear()
 
     def meta(self, key: str) -> str | None:
         return self._meta.get(key)

@@ -7,10 +7,12 @@ own writes are recognised by stat, not by a clock.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import stat
+import time
 import unicodedata
 import uuid
 from collections.abc import Callable
@@ -21,7 +23,7 @@ from typing import TypeVar, TypeVarTuple, Unpack
 import trio
 
 from ..core.hashing import hash_bytes
-from ..errors import LocalChanged, ProtocolError
+from ..errors import LocalChanged, ProtocolError, TrioSyncError
 from ..protocol.models import DIR, CommitRequest, FileEntry
 from .index import BaseEntry, Index, StatKey
 from .remote import Remote
@@ -55,6 +57,41 @@ def conflict_name(path: str, client: str, when: datetime) -> str:
     return f"{folder}/{new}" if folder else new
 
 
+class Parking:
+    """Files that sync removed locally, kept briefly in the state folder under their hash.
+
+    A move on another client arrives as a deletion and a creation of the same content; when the
+    deletion comes first, the creation takes the parked file back instead of downloading it.
+    """
+
+    KEEP_SECONDS = 120.0
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._files: dict[str, tuple[Path, float]] = {}
+
+    def park(self, target: Path, hash: str) -> None:
+        """Blocking: move *target* into the parking folder."""
+        spot = self.folder / f"parked-{uuid.uuid4().hex}"
+        os.rename(target, spot)
+        previous = self._files.get(hash)
+        self._files[hash] = (spot, time.monotonic())
+        if previous is not None:
+            _unlink_quietly(previous[0])
+
+    def take(self, hash: str) -> Path | None:
+        found = self._files.pop(hash, None)
+        return found[0] if found else None
+
+    def expire(self) -> None:
+        """Blocking: remove what has waited too long."""
+        now = time.monotonic()
+        for hash, (spot, since) in list(self._files.items()):
+            if now - since > self.KEEP_SECONDS:
+                del self._files[hash]
+                _unlink_quietly(spot)
+
+
 class Transfer:
     def __init__(
         self,
@@ -64,6 +101,7 @@ class Transfer:
         remote: Remote,
         limiter: trio.CapacityLimiter,
         client_name: str,
+        parking: Parking,
     ) -> None:
         self.root = root
         self.tmp_dir = tmp_dir
@@ -71,6 +109,7 @@ class Transfer:
         self.remote = remote
         self._limiter = limiter
         self._name = client_name
+        self._parking = parking
         self._umask = _umask()
 
     async def _thread(self, fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> T:
@@ -125,21 +164,26 @@ class Transfer:
 
     # -- towards the folder -------------------------------------------------------------------
 
-    async def download(self, entry: FileEntry, expected: LocalFile | None) -> None:
-        """Make the local file *entry*'s content, if it is still *expected* (None: absent)."""
+    async def download(self, entry: FileEntry, expected: LocalFile | None) -> bool:
+        """Make the local file *entry*'s content, if it is still *expected* (None: absent).
+
+        Returns True if the content came from the folder itself (a move) rather than the server.
+        """
         if entry.kind == DIR:
             key = await self._thread(self._make_dir, entry.path, expected)
             await self.index.put(BaseEntry.synced(entry, key, we_wrote_it=True))
-            return
+            return False
         tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
-        fd = await self._thread(
-            os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
-        )
+        candidates = [e for e in self.index.with_hash(entry.hash) if e.path != entry.path]
         try:
+            reused = await self._thread(self._reuse, entry, tmp, candidates)
+            flags = os.O_WRONLY | os.O_CLOEXEC | (0 if reused else os.O_CREAT | os.O_EXCL)
+            fd = await self._thread(os.open, tmp, flags, 0o600)
             try:
-                for chunk in entry.chunks:
-                    data = await self.remote.get_chunk(chunk.hash, chunk.size)
-                    await self._thread(_write_verified, fd, data, chunk.hash, chunk.size)
+                if not reused:
+                    for chunk in entry.chunks:
+                        data = await self.remote.get_chunk(chunk.hash, chunk.size)
+                        await self._thread(_write_verified, fd, data, chunk.hash, chunk.size)
                 await self._thread(self._finish_file, fd, entry)
             finally:
                 os.close(fd)
@@ -148,6 +192,31 @@ class Transfer:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(_unlink_quietly, tmp)
         await self.index.put(BaseEntry.synced(entry, final, we_wrote_it=True))
+        return reused
+
+    def _reuse(self, entry: FileEntry, tmp: Path, candidates: list[BaseEntry]) -> bool:
+        """Put *entry*'s content at *tmp* from the folder itself, if it is here somewhere."""
+        parked = self._parking.take(entry.hash)
+        if parked is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(parked, tmp)
+                return True
+        for base in candidates:
+            try:
+                source = local_path(self.root, base.path)
+                with open(source, "rb") as src:
+                    if stat_key(os.fstat(src.fileno())) != base.stat_key:
+                        continue  # changed since it was synced: not known to be that content
+                    with open(tmp, "wb") as dst:
+                        for chunk in entry.chunks:
+                            data = src.read(chunk.size)
+                            if len(data) != chunk.size or hash_bytes(data) != chunk.hash:
+                                raise LocalChanged("copy source changed")
+                            dst.write(data)
+                return True
+            except (OSError, TrioSyncError):
+                _unlink_quietly(tmp)
+        return False
 
     def _finish_file(self, fd: int, entry: FileEntry) -> None:
         mode = 0o666 & ~self._umask
@@ -191,7 +260,7 @@ class Transfer:
                     raise
                 raise FolderNotEmpty(path, [c.name for c in target.iterdir()]) from None
         else:
-            os.unlink(target)
+            self._parking.park(target, expected.hash)
 
     async def set_aside(self, local: LocalFile) -> str:
         """Rename the local file to a conflict copy next to it; returns the copy's wire path."""
