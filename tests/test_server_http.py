@@ -283,3 +283,25 @@ async def test_folders_are_explicit_and_the_tree_stays_consistent(server: Server
             "path": "e", "rev": empty_dir.json()["entry"]["rev"], "deleted": False,
             "kind": "dir", "origin": "unknown",
         }  # fmt: skip
+
+
+async def test_uploaded_chunks_are_not_kept_in_memory(server: ServerHandle) -> None:
+    """The client must let go of each chunk once sent, or memory grows with file size."""
+    import gc
+    import tracemalloc
+
+    from trio_sync.client.remote import Remote
+
+    gc.disable()  # what a GC pass would free does not count: it would pile up between passes
+    tracemalloc.start()
+    try:
+        async with Remote(server.url, TOKEN, "mem") as remote:
+            for i in range(6):
+                data = bytes([i]) * (4 * 1024 * 1024)
+                await remote.put_chunk(hash_bytes(data), data)
+                del data
+            _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    assert peak < 16 * 1024 * 1024  # a couple of chunks in flight, not all six

@@ -108,9 +108,17 @@ class Remote:
         return missing
 
     async def put_chunk(self, hash: str, data: bytes) -> None:
+        # httpx keeps a bytes body on the Request, which sits in a reference cycle with its
+        # Response: every chunk would stay in memory until a GC pass. A one-shot generator
+        # lets go of the bytes as soon as they are sent, so memory stays flat.
+        async def body(data: bytes = data) -> AsyncIterator[bytes]:
+            yield data
+
+        size = len(data)
+        del data
         await self._request(
-            "PUT", f"/chunks/{hash}", content=data,
-            headers={"Content-Type": "application/octet-stream"},
+            "PUT", f"/chunks/{hash}", content=body(),
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
         )  # fmt: skip
 
     async def get_chunk(self, hash: str, size: int) -> bytes:
