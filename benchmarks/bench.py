@@ -286,7 +286,7 @@ def write_report(out: Path, rows: list[Row], *, quick: bool) -> None:
         "  fsyncs on the server and on B. Quart + Hypercorn spend about 1.7 ms of server CPU on",
         "  even a trivial request (measured with a keep-alive stdlib client), and each client",
         "  spends a few more in httpx, so thousands of small files cost tens of seconds. A large",
-        "  file moves one 4 MiB chunk at a time per file (read, hash, PUT, verify, fsync; then GET,",
+        "  file moves one 4 MiB chunk at a time (read, hash, PUT, verify, fsync; then GET,",
         "  verify, write on B), so it does not use both cores. Batching many files per request,",
         "  several chunks in flight per file and delta transfer are the work of issue 4; these",
         "  figures are the baseline it is measured against.",
