@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
@@ -65,28 +65,28 @@ def workloads(quick: bool) -> list[Workload]:
     ]
 
 
-def tree_digest(root: Path) -> dict[str, str]:
-    out = {}
+def synced_files(root: Path) -> Iterator[Path]:
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if d != ".trio-sync"]
-        for name in files:
-            p = Path(folder) / name
-            h = blake3()
-            with open(p, "rb") as f:
-                while block := f.read(4 * MiB):
-                    h.update(block)
-            out[str(p.relative_to(root))] = h.hexdigest()
+        yield from (Path(folder) / name for name in files)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    out = {}
+    for path in synced_files(root):
+        h = blake3()
+        with open(path, "rb") as f:
+            while block := f.read(4 * MiB):
+                h.update(block)
+        out[str(path.relative_to(root))] = h.hexdigest()
     return out
 
 
 def tree_sizes(root: Path) -> dict[str, int]:
     out = {}
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d != ".trio-sync"]
-        for name in files:
-            p = Path(folder) / name
-            with suppress(FileNotFoundError):
-                out[str(p.relative_to(root))] = p.stat().st_size
+    for path in synced_files(root):
+        with suppress(FileNotFoundError):
+            out[str(path.relative_to(root))] = path.stat().st_size
     return out
 
 

@@ -22,6 +22,7 @@ from functools import partial
 import trio
 
 from ..config import ClientConfig
+from ..core.durable import unlink_quietly
 from ..core.ignore import IGNORE_FILE, IgnoreRules
 from ..core.reconcile import Action, Content, Side, decide
 from ..errors import (
@@ -310,7 +311,8 @@ class Engine:
         while True:
             await trio.sleep(RETRY_FAILED_EVERY)
             self.queue.mark_many(list(self.failed))
-            await trio.to_thread.run_sync(self._parking.expire, limiter=self._io)
+            for spot in self._parking.expired():
+                await trio.to_thread.run_sync(unlink_quietly, spot, limiter=self._io)
 
     # -- doing the work ---------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from typing import TypeVar, TypeVarTuple, Unpack
 
 import trio
 
+from ..core.durable import fsync_dir, unlink_quietly
 from ..core.hashing import hash_bytes
 from ..errors import LocalChanged, ProtocolError, TrioSyncError
 from ..protocol.models import DIR, CommitRequest, FileEntry
@@ -62,6 +63,7 @@ class Parking:
 
     A move on another client arrives as a deletion and a creation of the same content; when the
     deletion comes first, the creation takes the parked file back instead of downloading it.
+    The bookkeeping runs on the Trio thread; only the renames and unlinks run in workers.
     """
 
     KEEP_SECONDS = 120.0
@@ -70,26 +72,23 @@ class Parking:
         self.folder = folder
         self._files: dict[str, tuple[Path, float]] = {}
 
-    def park(self, target: Path, hash: str) -> None:
-        """Blocking: move *target* into the parking folder."""
-        spot = self.folder / f"parked-{uuid.uuid4().hex}"
-        os.rename(target, spot)
+    def spot(self) -> Path:
+        return self.folder / f"parked-{uuid.uuid4().hex}"
+
+    def add(self, hash: str, spot: Path) -> Path | None:
+        """Record a parked file; returns one it replaces (for the caller to remove)."""
         previous = self._files.get(hash)
         self._files[hash] = (spot, time.monotonic())
-        if previous is not None:
-            _unlink_quietly(previous[0])
+        return previous[0] if previous else None
 
     def take(self, hash: str) -> Path | None:
         found = self._files.pop(hash, None)
         return found[0] if found else None
 
-    def expire(self) -> None:
-        """Blocking: remove what has waited too long."""
+    def expired(self) -> list[Path]:
         now = time.monotonic()
-        for hash, (spot, since) in list(self._files.items()):
-            if now - since > self.KEEP_SECONDS:
-                del self._files[hash]
-                _unlink_quietly(spot)
+        old = [h for h, (_, since) in self._files.items() if now - since > self.KEEP_SECONDS]
+        return [self._files.pop(h)[0] for h in old]
 
 
 class Transfer:
@@ -175,8 +174,9 @@ class Transfer:
             return False
         tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
         candidates = [e for e in self.index.with_hash(entry.hash) if e.path != entry.path]
+        parked = self._parking.take(entry.hash)
         try:
-            reused = await self._thread(self._reuse, entry, tmp, candidates)
+            reused = await self._thread(self._reuse, entry, tmp, parked, candidates)
             flags = os.O_WRONLY | os.O_CLOEXEC | (0 if reused else os.O_CREAT | os.O_EXCL)
             fd = await self._thread(os.open, tmp, flags, 0o600)
             try:
@@ -190,13 +190,14 @@ class Transfer:
             final = await self._thread(self._place, tmp, entry.path, expected)
         finally:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(_unlink_quietly, tmp)
+                await trio.to_thread.run_sync(unlink_quietly, tmp)
         await self.index.put(BaseEntry.synced(entry, final, we_wrote_it=True))
         return reused
 
-    def _reuse(self, entry: FileEntry, tmp: Path, candidates: list[BaseEntry]) -> bool:
+    def _reuse(
+        self, entry: FileEntry, tmp: Path, parked: Path | None, candidates: list[BaseEntry]
+    ) -> bool:
         """Put *entry*'s content at *tmp* from the folder itself, if it is here somewhere."""
-        parked = self._parking.take(entry.hash)
         if parked is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.rename(parked, tmp)
@@ -215,7 +216,7 @@ class Transfer:
                             dst.write(data)
                 return True
             except (OSError, TrioSyncError):
-                _unlink_quietly(tmp)
+                unlink_quietly(tmp)
         return False
 
     def _finish_file(self, fd: int, entry: FileEntry) -> None:
@@ -242,14 +243,19 @@ class Transfer:
         local_path(self.root, path)  # re-check: mkdir must not have raced with a symlink
         _check_unchanged(target, expected, path)
         os.rename(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return stat_key(os.lstat(target))
 
     async def delete_local(self, path: str, expected: LocalFile) -> None:
-        await self._thread(self._delete_local, path, expected)
+        spot = None if expected.is_dir else self._parking.spot()
+        await self._thread(self._delete_local, path, expected, spot)
+        if spot is not None:
+            replaced = self._parking.add(expected.hash, spot)
+            if replaced is not None:
+                await self._thread(unlink_quietly, replaced)
         await self.index.remove(path)
 
-    def _delete_local(self, path: str, expected: LocalFile) -> None:
+    def _delete_local(self, path: str, expected: LocalFile, spot: Path | None) -> None:
         target = local_path(self.root, path)
         _check_unchanged(target, expected, path)
         if expected.is_dir:
@@ -260,7 +266,8 @@ class Transfer:
                     raise
                 raise FolderNotEmpty(path, [c.name for c in target.iterdir()]) from None
         else:
-            self._parking.park(target, expected.hash)
+            assert spot is not None
+            os.rename(target, spot)
 
     async def set_aside(self, local: LocalFile) -> str:
         """Rename the local file to a conflict copy next to it; returns the copy's wire path."""
@@ -343,21 +350,3 @@ def _check_unchanged(target: Path, expected: LocalFile | None, path: str) -> Non
         return
     if expected is None or not stat.S_ISREG(st.st_mode) or stat_key(st) != expected.stat:
         raise LocalChanged(f"{path}: changed locally meanwhile")
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        if e.errno != errno.ENOENT:
-            raise
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

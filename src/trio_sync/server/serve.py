@@ -35,14 +35,16 @@ async def run_server(
 ) -> None:
     """Serve until *stop* is set; then end event streams and give requests a short grace period."""
     data_dir = config.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    await trio.to_thread.run_sync(partial(data_dir.mkdir, parents=True, exist_ok=True, mode=0o700))
     if config.token:
         token, created = config.token, False
     else:
-        token, created = load_or_create_token(data_dir)
+        token, created = await trio.to_thread.run_sync(load_or_create_token, data_dir)
     meta = await SQLiteMetaStore.open(data_dir / "index.db")
     try:
-        blobs = DiskBlobStore.open(data_dir, limiter=trio.CapacityLimiter(4))
+        blobs = await trio.to_thread.run_sync(
+            partial(DiskBlobStore.open, data_dir, limiter=trio.CapacityLimiter(4))
+        )
         server_id = await meta.server_id()
         hub = ChangeHub(await meta.latest_rev())
         app = create_app(meta, blobs, hub, token, server_id=server_id, keepalive=config.keepalive)

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import trio
 
+from ..core.durable import fsync_dir
 from ..core.hashing import content_hash, hash_bytes
 from ..errors import Conflict, StoreError
 from ..protocol.models import DIR, FILE, MAX_CHUNK_SIZE, Chunk, CommitRequest, FileEntry, check_hash
@@ -319,7 +320,7 @@ class DiskBlobStore:
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
     async def put(self, hash: str, data: bytes) -> None:
         # Not cancellable mid-write: the temp file is removed by _put itself either way.
@@ -346,11 +347,3 @@ def _same(entry: FileEntry, req: CommitRequest) -> bool:
         req.executable,
         req.mtime_ns,
     )
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
