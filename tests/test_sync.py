@@ -6,6 +6,8 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
+from contextlib import suppress
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ import pytest
 import trio
 
 from trio_sync.client.engine import Engine
-from trio_sync.errors import AuthenticationFailed, FolderInUse
+from trio_sync.errors import AuthenticationFailed, FolderInUse, ProtocolError
 
 from .conftest import ServerHandle, eventually, in_sync, tree
 
@@ -444,3 +446,26 @@ async def test_editor_saves_and_bulk_creation_make_one_change_each(
         ["notes.md", *(f"unpacked/dir{i % 10}/file{i}" for i in range(200))]
     )
     assert (b / "notes.md").read_text() == "v2"
+
+
+async def test_a_server_speaking_garbage_is_retried_not_a_crash(
+    nursery: trio.Nursery, client_config: Callable[..., Any]
+) -> None:
+    async def garbage(stream: trio.SocketStream) -> None:
+        with suppress(trio.BrokenResourceError):
+            await stream.receive_some(65536)
+            body = b"this is not JSON"
+            await stream.send_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+        await stream.aclose()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, garbage, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    config = client_config("g", server_url=f"http://127.0.0.1:{port}")
+
+    with pytest.raises(ProtocolError, match="invalid JSON"):
+        await Engine(config).sync_once()
+    with trio.move_on_after(1) as still_running:
+        await Engine(config).run()  # logs and retries; must not raise
+    assert still_running.cancelled_caught

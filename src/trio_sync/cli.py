@@ -15,7 +15,13 @@ import trio
 
 from .client.engine import Engine
 from .config import ClientConfig, ServerConfig, default_client_name, default_data_dir
-from .errors import AuthenticationFailed, FolderInUse, ProtocolError, RemoteError
+from .errors import (
+    AuthenticationFailed,
+    FolderInUse,
+    ProtocolError,
+    RemoteError,
+    TrioSyncError,
+)
 from .protocol.models import check_name
 from .server.serve import RunningServer, run_server
 
@@ -150,5 +156,8 @@ async def _client_main(config: ClientConfig, once: bool) -> int:
         except RemoteError as e:
             log.error("cannot sync with %s: %s", config.server_url, e)
             code = EXIT_UNREACHABLE
+        except TrioSyncError as e:
+            log.error("%s", e)
+            code = EXIT_OUT_OF_SYNC
         nursery.cancel_scope.cancel()
     return code

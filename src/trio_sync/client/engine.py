@@ -161,7 +161,8 @@ class Engine:
                             attempt = 0
                             ready()
                             ready = _nothing
-                except (ServerUnavailable, ServerReset) as e:
+                except (ServerUnavailable, ServerReset, ProtocolError) as e:
+                    # A malformed answer is treated like an outage: reconnect, reconcile again.
                     cap = min(self.config.backoff_max, self.config.backoff_initial * 2**attempt)
                     delay = cap / 2 + random.uniform(0, cap / 2)
                     attempt += 1
@@ -516,7 +517,7 @@ async def _single_error() -> AsyncIterator[None]:
         yield
     except BaseExceptionGroup as group:
         flat = _flatten(group)
-        for kind in (AuthenticationFailed, ServerReset, RemoteError):
+        for kind in (AuthenticationFailed, ServerReset, RemoteError, ProtocolError):
             for error in flat:
                 if isinstance(error, kind):
                     raise error from group
