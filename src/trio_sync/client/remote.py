@@ -108,16 +108,11 @@ class Remote:
         return missing
 
     async def put_chunk(self, hash: str, data: bytes) -> None:
-        # httpx keeps a bytes body on the Request, which sits in a reference cycle with its
-        # Response: every chunk would stay in memory until a GC pass. A one-shot generator
-        # lets go of the bytes as soon as they are sent, so memory stays flat.
-        async def body(data: bytes = data) -> AsyncIterator[bytes]:
-            yield data
-
         size = len(data)
+        body = _OneShotBody(data)
         del data
         await self._request(
-            "PUT", f"/chunks/{hash}", content=body(),
+            "PUT", f"/chunks/{hash}", content=body,
             headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
         )  # fmt: skip
 
@@ -164,6 +159,27 @@ class Remote:
         except httpx.TransportError as e:
             raise ServerUnavailable(f"event stream: {e!r}") from e
         raise ServerUnavailable("the server closed the event stream")
+
+
+class _OneShotBody:
+    """A request body that lets go of its bytes once sent.
+
+    httpx keeps a bytes body on the Request, which sits in a reference cycle with its Response:
+    every chunk would stay in memory until a GC pass. Not an async generator, so a cancelled
+    upload leaves nothing to finalize.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self._data: bytes | None = data
+
+    def __aiter__(self) -> _OneShotBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data, self._data = self._data, None
+        if data is None:
+            raise StopAsyncIteration
+        return data
 
 
 def _json(raw: bytes) -> Any:
