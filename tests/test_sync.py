@@ -396,6 +396,7 @@ async def test_moves_and_copies_reuse_local_content_instead_of_downloading(
     shutil.copy(a / "doc.txt", a / "doc copy.txt")
     await in_sync(a, b)
     assert chunk_downloads(caplog) == []  # nothing was fetched again
+    assert [m for m in messages(caplog) if "PUT" in m and "/chunks/" in m] == []  # nor sent
     placed = [m for m in messages(caplog) if m.startswith("placed")]
     assert len(placed) == 6
 
@@ -469,3 +470,13 @@ async def test_a_server_speaking_garbage_is_retried_not_a_crash(
     with trio.move_on_after(1) as still_running:
         await Engine(config).run()  # logs and retries; must not raise
     assert still_running.cancelled_caught
+
+
+async def test_a_client_cancelled_while_starting_releases_its_folder(
+    client_config: Callable[..., Any],
+) -> None:
+    """Found by the soak: cancellation right after taking the folder lock leaked it."""
+    for i in range(60):  # cancel at many moments of start-up, the lock's one among them
+        with trio.move_on_after(i * 0.0001):
+            await Engine(client_config("a")).run()
+    assert await Engine(client_config("a")).sync_once() == []

@@ -106,8 +106,10 @@ class Engine:
             return lock
 
         lock = await trio.to_thread.run_sync(prepare)
-        await self._reload_ignore()
+        # No checkpoint between taking the lock and the try: a cancellation there would leak
+        # the lock and refuse every later client on this folder.
         try:
+            await self._reload_ignore()
             self._index = await Index.open(self.state_dir / "state.db")
             try:
                 yield
