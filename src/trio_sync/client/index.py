@@ -137,9 +137,6 @@ class Index:
     def paths(self) -> list[str]:
         return list(self._entries)
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     async def put(self, entry: BaseEntry) -> None:
         chunks = json.dumps([[c.hash, c.size] for c in entry.chunks])
         await self._run(

@@ -55,6 +55,3 @@ class PathQueue:
     def _wake(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
-
-    def statistics(self) -> dict[str, int]:
-        return {"pending": len(self._pending), "busy": len(self._busy)}

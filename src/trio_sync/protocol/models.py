@@ -30,7 +30,7 @@ DIR = "dir"
 KINDS = (FILE, DIR)
 
 _HASH = re.compile(r"[0-9a-f]{64}")
-_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_NAME = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_NAME_LEN}}}")
 
 
 def check_hash(value: object) -> str:
