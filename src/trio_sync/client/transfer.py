@@ -177,6 +177,12 @@ class Transfer:
         parked = self._parking.take(entry.hash)
         try:
             reused = await self._thread(self._reuse, entry, tmp, parked, candidates)
+            if not reused and parked is None and candidates:
+                # A candidate may have been parked by a concurrent deletion meanwhile; parking
+                # registers a file before its old name goes, so looking again finds it.
+                parked = self._parking.take(entry.hash)
+                if parked is not None:
+                    reused = await self._thread(self._reuse, entry, tmp, parked, [])
             flags = os.O_WRONLY | os.O_CLOEXEC | (0 if reused else os.O_CREAT | os.O_EXCL)
             fd = await self._thread(os.open, tmp, flags, 0o600)
             try:
@@ -247,27 +253,43 @@ class Transfer:
         return stat_key(os.lstat(target))
 
     async def delete_local(self, path: str, expected: LocalFile) -> None:
-        spot = None if expected.is_dir else self._parking.spot()
-        await self._thread(self._delete_local, path, expected, spot)
-        if spot is not None:
+        if expected.is_dir:
+            await self._thread(self._delete_dir, path, expected)
+        else:
+            # Park the file under a second name first, record it, and only then remove the old
+            # name: a download looking for this content finds it under one name or the other.
+            spot = self._parking.spot()
+            linked = await self._thread(self._park, path, expected, spot)
             replaced = self._parking.add(expected.hash, spot)
             if replaced is not None:
                 await self._thread(unlink_quietly, replaced)
+            if linked:
+                await self._thread(os.unlink, local_path(self.root, path))
         await self.index.remove(path)
 
-    def _delete_local(self, path: str, expected: LocalFile, spot: Path | None) -> None:
+    def _delete_dir(self, path: str, expected: LocalFile) -> None:
         target = local_path(self.root, path)
         _check_unchanged(target, expected, path)
-        if expected.is_dir:
-            try:
-                target.rmdir()
-            except OSError as e:
-                if e.errno != errno.ENOTEMPTY:
-                    raise
-                raise FolderNotEmpty(path, [c.name for c in target.iterdir()]) from None
-        else:
-            assert spot is not None
+        try:
+            target.rmdir()
+        except OSError as e:
+            if e.errno != errno.ENOTEMPTY:
+                raise
+            raise FolderNotEmpty(path, [c.name for c in target.iterdir()]) from None
+
+    def _park(self, path: str, expected: LocalFile, spot: Path) -> bool:
+        """Give the file a second name at *spot*; True if the old name still has to go (a
+        file system without hard links gets a rename instead)."""
+        target = local_path(self.root, path)
+        _check_unchanged(target, expected, path)
+        try:
+            os.link(target, spot, follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+                raise
             os.rename(target, spot)
+            return False
+        return True
 
     async def set_aside(self, local: LocalFile) -> str:
         """Rename the local file to a conflict copy next to it; returns the copy's wire path."""
