@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import trio
 
@@ -162,3 +164,15 @@ async def in_sync(*roots: Path, timeout: float = 15.0) -> None:
         raise AssertionError(
             f"not in sync: {[sorted(tree(r)) + sorted(folders(r)) for r in roots]}"
         ) from None
+
+
+async def traffic(server: ServerHandle) -> dict[str, Any]:
+    """The server's request and byte counters (`GET /info`)."""
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        info = (await client.get(server.url + "/info")).json()
+    result: dict[str, Any] = info["traffic"]
+    return result
+
+
+def requests_between(before: dict[str, Any], after: dict[str, Any], route: str) -> int:
+    return int(after["requests"].get(route, 0)) - int(before["requests"].get(route, 0))

@@ -17,7 +17,7 @@ import trio
 from trio_sync.client.engine import Engine
 from trio_sync.errors import AuthenticationFailed, FolderInUse, ProtocolError
 
-from .conftest import ServerHandle, eventually, in_sync, tree
+from .conftest import ServerHandle, eventually, in_sync, requests_between, traffic, tree
 
 Start = Callable[..., Any]
 
@@ -375,12 +375,8 @@ async def test_names_that_differ_only_in_normalisation_are_both_kept(
     assert not (a / "na\u0308me.txt").exists()
 
 
-def chunk_downloads(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [m for m in messages(caplog) if "GET" in m and "/chunks/" in m]
-
-
 async def test_moves_and_copies_reuse_local_content_instead_of_downloading(
-    start_client: Start, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    start_client: Start, server: ServerHandle, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     for i in range(5):
@@ -392,13 +388,15 @@ async def test_moves_and_copies_reuse_local_content_instead_of_downloading(
 
     caplog.set_level(logging.INFO)
     caplog.clear()
+    before = await traffic(server)
     (a / "album").rename(a / "album-2026")
     shutil.copy(a / "doc.txt", a / "doc copy.txt")
     await in_sync(a, b)
     # The log line follows the rename that made the trees equal.
     await eventually(lambda: len([m for m in messages(caplog) if m.startswith("placed")]) == 6)
-    assert chunk_downloads(caplog) == []  # nothing was fetched again
-    assert [m for m in messages(caplog) if "PUT" in m and "/chunks/" in m] == []  # nor sent
+    after = await traffic(server)
+    assert requests_between(before, after, "POST /chunks/fetch") == 0  # nothing fetched again
+    assert requests_between(before, after, "POST /chunks") == 0  # nor sent
 
 
 async def test_a_file_still_being_written_is_uploaded_once(

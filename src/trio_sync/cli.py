@@ -56,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     client.add_argument("--token", default=None, help="bearer token (or TRIO_SYNC_TOKEN)")
     client.add_argument("--once", action="store_true", help="reconcile once, then exit")
     client.add_argument(
+        "--no-compress",
+        dest="compress",
+        action="store_false",
+        help="send chunks uncompressed (by default zstd is used where it shrinks a chunk)",
+    )
+    client.add_argument(
         "--name",
         default=None,
         help="this client's name in conflict copies and logs (default: the host name)",
@@ -92,7 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trio-sync: --name: {e}", file=sys.stderr)
         return EXIT_USAGE
     config = ClientConfig(
-        root=args.dir.expanduser().resolve(), server_url=args.server, token=token, name=name
+        root=args.dir.expanduser().resolve(),
+        server_url=args.server,
+        token=token,
+        name=name,
+        compress=args.compress,
     )
     return trio.run(_client_main, config, args.once)
 

@@ -36,8 +36,13 @@ class ClientConfig:
     server_url: str
     token: str
     name: str
-    #: Parallel transfer workers.
-    workers: int = 4
+    #: Paths handled at once. Workers are cheap tasks; their requests are coalesced into
+    #: batches, so more workers mean fewer, larger requests. Threads stay bounded separately.
+    workers: int = 64
+    #: Compress chunks with zstd on the wire where that pays (it is probed per chunk).
+    compress: bool = True
+    #: Chunk bytes held in memory at once by all transfers together.
+    memory_budget: int = 32 * 1024 * 1024
     #: Reconnect backoff: first delay and cap, in seconds (full jitter on top).
     backoff_initial: float = 0.5
     backoff_max: float = 30.0

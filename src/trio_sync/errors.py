@@ -6,7 +6,11 @@ each, so callers decide on *our* types: is this fatal, retryable, or a per-path 
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
+
+import trio
 
 if TYPE_CHECKING:
     from .protocol.models import FileEntry
@@ -42,6 +46,10 @@ class RejectedByServer(RemoteError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"server answered {status}: {message}")
         self.status = status
+
+
+class IncompatibleServer(TrioSyncError):
+    """The server cuts files into chunks another way; syncing would see every file as changed."""
 
 
 class ServerReset(RemoteError):
@@ -95,3 +103,29 @@ class LocalChanged(TrioSyncError):
 
 class StoreError(TrioSyncError):
     """The server's storage refused an operation (bad hash, bad size)."""
+
+
+@asynccontextmanager
+async def single_error() -> AsyncIterator[None]:
+    """Nurseries group errors; callers here decide on one. Prefer the fatal one, then any
+    RemoteError (several tasks often see the same outage at once), then the first other error.
+    A group of nothing but cancellations stays as it is, for trio to unwind."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        flat = _flatten(group)
+        for kind in (AuthenticationFailed, ServerReset, RemoteError, ProtocolError, Exception):
+            for error in flat:
+                if isinstance(error, kind):
+                    raise error from group
+        raise
+
+
+def _flatten(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            out.extend(_flatten(error))
+        elif not isinstance(error, trio.Cancelled):
+            out.append(error)
+    return out

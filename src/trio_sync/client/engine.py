@@ -6,6 +6,7 @@ remote state → `decide` → Transfer. Nothing else changes files or the index.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -18,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 
 import trio
 
@@ -26,26 +28,34 @@ from ..core.durable import unlink_quietly
 from ..core.ignore import IGNORE_FILE, IgnoreRules
 from ..core.reconcile import Action, Content, Side, decide
 from ..errors import (
-    AuthenticationFailed,
     ChunksMissing,
     Conflict,
     FolderInUse,
+    IncompatibleServer,
     InvalidPath,
     LocalChanged,
     ProtocolError,
     RejectedByServer,
-    RemoteError,
     ServerReset,
     ServerUnavailable,
+    single_error,
 )
-from ..protocol.models import DIR, FileEntry
+from ..protocol.models import CHUNKER, DIR, FileEntry
 from ..protocol.paths import STATE_DIR_NAME, is_valid_path
 from ..protocol.sse import ServerSentEvent
+from .batching import Batches, ByteBudget
 from .index import BaseEntry, Index, is_racy
 from .queue import PathQueue
 from .remote import Remote
 from .scanner import Ignored, LocalFile, Scanner, Unsyncable
-from .transfer import FolderNotEmpty, Parking, Transfer, normalize_name
+from .transfer import (
+    PARTIAL_DIR,
+    PARTIAL_KEEP_SECONDS,
+    FolderNotEmpty,
+    Parking,
+    Transfer,
+    normalize_name,
+)
 from .watcher import watch
 
 log = logging.getLogger("trio_sync.client")
@@ -79,6 +89,8 @@ class Engine:
         self._index: Index | None = None
         self._scanner = Scanner(self.root, self._io)
         self._parking = Parking(self.state_dir / "tmp")
+        #: Chunk bytes all workers together may hold in memory at once.
+        self._budget = ByteBudget(config.memory_budget)
         #: When we first saw a file still being written (see ClientConfig.settle_seconds).
         self._unsettled: dict[str, float] = {}
 
@@ -90,6 +102,8 @@ class Engine:
     @asynccontextmanager
     async def _opened(self) -> AsyncIterator[None]:
         tmp = self.state_dir / "tmp"
+
+        partials = self.state_dir / PARTIAL_DIR
 
         def prepare() -> int:
             self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -103,6 +117,8 @@ class Engine:
                 ) from None
             shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash: never complete files
             tmp.mkdir()
+            partials.mkdir(exist_ok=True)
+            _expire(partials, PARTIAL_KEEP_SECONDS)  # resumable downloads nobody came back for
             return lock
 
         lock = await trio.to_thread.run_sync(prepare)
@@ -125,10 +141,17 @@ class Engine:
         c = self.config
         return Remote(c.server_url, c.token, c.name, stream_idle_timeout=c.stream_idle_timeout)
 
-    def _transfer(self, remote: Remote) -> Transfer:
-        tmp = self.state_dir / "tmp"
+    def _transfer(self, batches: Batches) -> Transfer:
         return Transfer(
-            self.root, tmp, self.index, remote, self._io, self.config.name, self._parking
+            self.root,
+            self.state_dir,
+            self.index,
+            batches,
+            self._io,
+            self.config.name,
+            self._parking,
+            self._budget,
+            compress=self.config.compress,
         )
 
     # -- the two modes ----------------------------------------------------------------------
@@ -143,7 +166,7 @@ class Engine:
         async with self._opened():
             while True:
                 try:
-                    async with self._remote() as remote, _single_error():
+                    async with self._remote() as remote, single_error():
                         await self._connect(remote)
                         async with trio.open_nursery() as nursery:
                             await nursery.start(
@@ -155,7 +178,7 @@ class Engine:
                                 )
                             )
                             await nursery.start(self._listen, remote)
-                            self._start_workers(nursery, remote)
+                            await self._start_workers(nursery, remote)
                             nursery.start_soon(self._housekeeping)
                             await self._mark_all()
                             await self.queue.wait_idle()
@@ -174,10 +197,10 @@ class Engine:
     async def sync_once(self) -> list[str]:
         """One full reconcile both ways. Returns what is still out of sync (empty: all agree)."""
         async with self._opened(), self._remote() as remote:
-            async with _single_error():
+            async with single_error():
                 await self._connect(remote, relist=True)
                 async with trio.open_nursery() as nursery:
-                    self._start_workers(nursery, remote)
+                    await self._start_workers(nursery, remote)
                     await self._mark_all()
                     await self.queue.wait_idle()
                     nursery.cancel_scope.cancel()
@@ -188,6 +211,11 @@ class Engine:
 
     async def _connect(self, remote: Remote, *, relist: bool = False) -> None:
         info = await remote.info()
+        if info.get("chunker") != CHUNKER:
+            raise IncompatibleServer(
+                f"the server chunks files as {info.get('chunker')!r}, this client as {CHUNKER!r};"
+                " install the same trio-sync version on both"
+            )
         server_id = info["server_id"]
         known = self.index.meta("server_id")
         if known != server_id:
@@ -319,8 +347,11 @@ class Engine:
 
     # -- doing the work ---------------------------------------------------------------------
 
-    def _start_workers(self, nursery: trio.Nursery, remote: Remote) -> None:
-        transfer = self._transfer(remote)
+    async def _start_workers(self, nursery: trio.Nursery, remote: Remote) -> None:
+        nursery.start_soon(self.queue.run_deferred)
+        batches = Batches(remote, compress=self.config.compress)
+        await nursery.start(batches.run)
+        transfer = self._transfer(batches)
         for _ in range(self.config.workers):
             nursery.start_soon(self._worker, transfer)
 
@@ -349,8 +380,9 @@ class Engine:
                 self.queue.mark(conflict.blocking.path)
             if conflict.reason != "stale":
                 log.info("%s: %s; looking again", path, conflict)
-                await trio.sleep(RECHECK_DELAY)
-            self.queue.mark(path)
+                self.queue.defer(path, RECHECK_DELAY)
+            else:
+                self.queue.mark(path)
         except FolderNotEmpty as e:
             prefix = path + "/"
             if any(self.index.get(prefix + name) is None for name in e.names):
@@ -361,8 +393,7 @@ class Engine:
             else:
                 await self._recheck(path, e, also=[prefix + name for name in e.names])
         except StillWriting:
-            await trio.sleep(self.config.settle_seconds / 2)
-            self.queue.mark(path)
+            self.queue.defer(path, self.config.settle_seconds / 2)
         except (LocalChanged, ChunksMissing, FileNotFoundError) as e:
             await self._recheck(path, e)
         except Ignored:
@@ -385,8 +416,7 @@ class Engine:
             return
         log.debug("%s: %s; looking again", path, error)
         self.queue.mark_many(also)
-        await trio.sleep(RECHECK_DELAY)
-        self.queue.mark(path)
+        self.queue.defer(path, RECHECK_DELAY)
 
     def _settled(self, local: LocalFile) -> bool:
         """Upload a file only once it has not been modified for a moment, so a file being
@@ -453,12 +483,15 @@ class Engine:
             log.info("deleted %s on the server (%s)", path, why)
         elif action is Action.DOWNLOAD:
             assert remote is not None
-            if await transfer.download(remote, local):
-                log.info("placed %s from a local copy (%s, %d bytes)", path, why, remote.size)
-            elif remote.kind == DIR:
+            fetched = await transfer.download(remote, local)
+            if remote.kind == DIR:
                 log.info("created folder %s (%s)", path, why)
+            elif not fetched:
+                log.info("placed %s from local content (%s, %d bytes)", path, why, remote.size)
             else:
-                log.info("downloaded %s (%s, %d bytes)", path, why, remote.size)
+                log.info(
+                    "downloaded %s (%s, %d bytes, %d fetched)", path, why, remote.size, fetched
+                )
         elif action is Action.DELETE_LOCAL:
             assert local is not None
             await transfer.delete_local(path, local)
@@ -499,6 +532,14 @@ class Engine:
         return problems
 
 
+def _expire(folder: Path, keep_seconds: float) -> None:
+    cutoff = time.time() - keep_seconds
+    for item in folder.iterdir():
+        with contextlib.suppress(OSError):
+            if item.lstat().st_mtime < cutoff:
+                item.unlink()
+
+
 class StillWriting(LocalChanged):
     """The file was modified moments ago; wait for it to settle."""
 
@@ -509,28 +550,3 @@ def _content(entry: FileEntry) -> Content:
 
 def _nothing() -> None:
     pass
-
-
-@asynccontextmanager
-async def _single_error() -> AsyncIterator[None]:
-    """Nurseries group errors; callers here decide on one. Prefer the fatal one, then any
-    RemoteError (several workers often see the same outage at once)."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        flat = _flatten(group)
-        for kind in (AuthenticationFailed, ServerReset, RemoteError, ProtocolError):
-            for error in flat:
-                if isinstance(error, kind):
-                    raise error from group
-        raise
-
-
-def _flatten(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for error in group.exceptions:
-        if isinstance(error, BaseExceptionGroup):
-            out.extend(_flatten(error))
-        else:
-            out.append(error)
-    return out

@@ -104,9 +104,10 @@ class Index:
         self._conn = conn
         self._entries = entries
         self._meta = meta
-        self._by_hash: dict[str, set[str]] = {}
+        #: chunk hash -> {path: offset}: where each chunk was when its file was last synced.
+        self._by_chunk: dict[str, dict[str, int]] = {}
         for entry in entries.values():
-            self._by_hash.setdefault(entry.hash, set()).add(entry.path)
+            self._link_chunks(entry)
         self._limiter = trio.CapacityLimiter(1)
 
     @classmethod
@@ -146,32 +147,41 @@ class Index:
                 int(entry.executable), entry.mtime_ns, entry.inode, int(entry.racy),
             ),
         )  # fmt: skip
-        self._unlink_hash(entry.path)
+        self._unlink_chunks(entry.path)
         self._entries[entry.path] = entry
-        self._by_hash.setdefault(entry.hash, set()).add(entry.path)
+        self._link_chunks(entry)
 
-    def _unlink_hash(self, path: str) -> None:
+    def _link_chunks(self, entry: BaseEntry) -> None:
+        offset = 0
+        for chunk in entry.chunks:
+            self._by_chunk.setdefault(chunk.hash, {}).setdefault(entry.path, offset)
+            offset += chunk.size
+
+    def _unlink_chunks(self, path: str) -> None:
         old = self._entries.get(path)
-        if old is not None:
-            paths = self._by_hash.get(old.hash)
-            if paths is not None:
-                paths.discard(path)
-                if not paths:
-                    del self._by_hash[old.hash]
+        if old is None:
+            return
+        for chunk in old.chunks:
+            places = self._by_chunk.get(chunk.hash)
+            if places is not None:
+                places.pop(path, None)
+                if not places:
+                    del self._by_chunk[chunk.hash]
 
-    def with_hash(self, hash: str) -> list[BaseEntry]:
-        """Synced files that had this content when last synced (check their stat before use)."""
-        return [self._entries[p] for p in self._by_hash.get(hash, ()) if p in self._entries]
+    def chunk_sources(self, hash: str) -> list[tuple[str, int]]:
+        """(path, offset) where a chunk with this hash was when those files were last synced.
+        The files may have changed since: read, then verify the hash."""
+        return list(self._by_chunk.get(hash, {}).items())
 
     async def remove(self, path: str) -> None:
         await self._run("DELETE FROM base WHERE path = ?", (path,))
-        self._unlink_hash(path)
+        self._unlink_chunks(path)
         self._entries.pop(path, None)
 
     async def clear(self) -> None:
         await self._run("DELETE FROM base")
         self._entries.clear()
-        self._by_hash.clear()
+        self._by_chunk.clear()
 
     def meta(self, key: str) -> str | None:
         return self._meta.get(key)

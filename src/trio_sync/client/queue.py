@@ -2,6 +2,7 @@
 
 A path is never with two workers at once; a path marked while a worker has it is looked at again
 when that worker is done. Marking the same path twice before anyone looks costs nothing.
+A path can also be marked for later (`defer`), so a worker never sleeps holding its place.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ class PathQueue:
         self._busy: set[str] = set()
         self._again: set[str] = set()
         self._changed = trio.Event()
+        self._deferred: dict[str, float] = {}  # path -> trio time it is due
 
     def mark(self, path: str) -> None:
         if path in self._busy:
@@ -28,6 +30,26 @@ class PathQueue:
     def mark_many(self, paths: Iterable[str]) -> None:
         for path in paths:
             self.mark(path)
+
+    def defer(self, path: str, delay: float) -> None:
+        """Mark *path* after *delay* seconds (the queue is not idle meanwhile)."""
+        due = trio.current_time() + delay
+        self._deferred[path] = min(due, self._deferred.get(path, due))
+        self._wake()
+
+    async def run_deferred(self) -> None:
+        """Marks deferred paths when they are due; runs in the nursery that owns the workers."""
+        while True:
+            if not self._deferred:
+                await self._changed.wait()
+                continue
+            with trio.move_on_at(min(self._deferred.values())):
+                await self._changed.wait()  # an earlier deadline may arrive meanwhile
+            now = trio.current_time()
+            due = [p for p, t in self._deferred.items() if t <= now]
+            for path in due:
+                del self._deferred[path]
+            self.mark_many(due)
 
     async def get(self) -> str:
         while not self._pending:
@@ -46,7 +68,7 @@ class PathQueue:
 
     @property
     def idle(self) -> bool:
-        return not self._pending and not self._busy
+        return not self._pending and not self._busy and not self._deferred
 
     async def wait_idle(self) -> None:
         while not self.idle:

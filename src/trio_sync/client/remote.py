@@ -17,9 +17,17 @@ from ..errors import (
     InvalidPath,
     ProtocolError,
     RejectedByServer,
+    RemoteError,
     ServerUnavailable,
 )
-from ..protocol.models import MAX_CHUNK_SIZE, MAX_HASHES_PER_QUERY, CommitRequest, FileEntry
+from ..protocol.frames import MEDIA_TYPE, MISSING, Frame, FrameParser, frame_header
+from ..protocol.models import (
+    MAX_CHUNK_SIZE,
+    MAX_HASHES_PER_QUERY,
+    CommitRequest,
+    FileEntry,
+    check_hash,
+)
 from ..protocol.sse import ServerSentEvent, SSEParser
 
 CLIENT_HEADER = "X-Trio-Sync-Client"
@@ -135,6 +143,54 @@ class Remote:
             raise ServerUnavailable(f"GET /chunks/{hash}: {e!r}") from e
         return bytes(buf)
 
+    async def put_chunks(self, frames: list[Frame]) -> tuple[set[str], set[str]]:
+        """Upload a batch of chunk frames; returns (stored, rejected) hashes. A chunk is rejected
+        when its bytes do not match its hash: the file changed after it was hashed."""
+        size = sum(
+            len(frame_header(f.hash, f.encoding, len(f.payload))) + len(f.payload) for f in frames
+        )
+        body = _FrameBody(frames)
+        del frames
+        response = await self._request(
+            "POST", "/chunks", content=body,
+            headers={"Content-Type": MEDIA_TYPE, "Content-Length": str(size)},
+        )  # fmt: skip
+        data = _json(response.content)
+        try:
+            return {check_hash(h) for h in data["stored"]}, {
+                check_hash(h) for h in data["rejected"]
+            }
+        except (KeyError, TypeError) as e:
+            raise ProtocolError(f"/chunks: unexpected answer {e!r}") from None
+
+    async def fetch_chunks(
+        self, hashes: list[str], on_frame: Callable[[Frame], Awaitable[None]], *, compress: bool
+    ) -> None:
+        """Stream the named chunks; *on_frame* gets each as it arrives (the caller verifies)."""
+        parser = FrameParser()
+        body = {"hashes": hashes, "compress": compress}
+        try:
+            async with self._client.stream("POST", "/chunks/fetch", json=body) as response:
+                if response.status_code >= 300:
+                    await response.aread()
+                    _raise_for_status(response)
+                async with _closing(response.aiter_raw()) as pieces:
+                    async for piece in pieces:
+                        for frame in parser.feed(piece):
+                            await on_frame(frame)
+                parser.close()
+        except httpx.TransportError as e:
+            raise ServerUnavailable(f"POST /chunks/fetch: {e!r}") from e
+
+    async def commit_many(self, requests: list[CommitRequest]) -> list[FileEntry | RemoteError]:
+        """Commit a batch; each result is the new entry or the error for that one change."""
+        body = {"commits": [r.to_json() for r in requests]}
+        response = await self._request("POST", "/commits", json=body)
+        results = _json(response.content).get("results")
+        if not isinstance(results, list) or len(results) != len(requests):
+            raise ProtocolError("/commits: one result per commit expected")
+        return [_commit_result(r) for r in results]
+
     async def commit(self, request: CommitRequest) -> FileEntry:
         response = await self._request("POST", "/commit", json=request.to_json())
         return _entry(_json(response.content).get("entry"))
@@ -159,6 +215,36 @@ class Remote:
         except httpx.TransportError as e:
             raise ServerUnavailable(f"event stream: {e!r}") from e
         raise ServerUnavailable("the server closed the event stream")
+
+
+class _FrameBody:
+    """Chunk frames as a request body, letting go of each payload once it is sent."""
+
+    def __init__(self, frames: list[Frame]) -> None:
+        self._frames = frames
+        self._next = 0
+
+    def __aiter__(self) -> _FrameBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._next >= len(self._frames):
+            raise StopAsyncIteration
+        frame = self._frames[self._next]
+        self._frames[self._next] = _SENT
+        self._next += 1
+        return frame_header(frame.hash, frame.encoding, len(frame.payload)) + frame.payload
+
+
+_SENT = Frame("0" * 64, MISSING, b"")
+
+
+def _commit_result(data: object) -> FileEntry | RemoteError:
+    if not isinstance(data, dict):
+        raise ProtocolError("/commits: a result is a JSON object")
+    if "entry" in data:
+        return _entry(data["entry"])
+    return _error_from(data, 0)
 
 
 class _OneShotBody:
@@ -204,17 +290,26 @@ def _raise_for_status(response: httpx.Response) -> NoReturn:
         body = {}
     if not isinstance(body, dict):
         body = {}
-    message = str(body.get("message") or response.reason_phrase)
     if status == 401:
         raise AuthenticationFailed("the server rejected our token (401)")
-    if status == 409:
+    if status >= 500:
+        raise ServerUnavailable(
+            f"server error {status}: {body.get('message') or response.reason_phrase}"
+        )
+    if "message" not in body:
+        body["message"] = response.reason_phrase
+    raise _error_from(body, status)
+
+
+def _error_from(body: dict[str, Any], status: int) -> RemoteError:
+    """The error a refusal stands for, from its JSON body (the same in /commit and /commits)."""
+    error = body.get("error")
+    if error == "conflict":
         current = body.get("current")
         entry = _entry(current) if current else None
         blocking = _entry(body["blocking"]) if body.get("blocking") else None
         reason = str(body.get("reason", "stale"))
-        raise Conflict(entry.path if entry else "?", entry, reason=reason, blocking=blocking)
-    if status == 422 and body.get("error") == "chunks_missing":
-        raise ChunksMissing(list(body.get("missing") or []))
-    if status >= 500:
-        raise ServerUnavailable(f"server error {status}: {message}")
-    raise RejectedByServer(status, message)
+        return Conflict(entry.path if entry else "?", entry, reason=reason, blocking=blocking)
+    if error == "chunks_missing":
+        return ChunksMissing([check_hash(h) for h in body.get("missing") or []])
+    return RejectedByServer(status or 422, str(body.get("message") or error))

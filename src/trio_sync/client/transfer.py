@@ -15,23 +15,33 @@ import stat
 import time
 import unicodedata
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar, TypeVarTuple, Unpack
 
 import trio
 
+from ..core.compression import pack, unpack
 from ..core.durable import fsync_dir, unlink_quietly
 from ..core.hashing import hash_bytes
-from ..errors import LocalChanged, ProtocolError, TrioSyncError
-from ..protocol.models import DIR, CommitRequest, FileEntry
+from ..errors import LocalChanged, ProtocolError, TrioSyncError, single_error
+from ..protocol.frames import RAW, Frame
+from ..protocol.models import DIR, Chunk, CommitRequest, FileEntry
+from .batching import Batches, ByteBudget
 from .index import BaseEntry, Index, StatKey
-from .remote import Remote
 from .scanner import LocalFile, dir_key, local_path, stat_key
 
 log = logging.getLogger("trio_sync.client")
 T = TypeVar("T")
+
+#: Chunks of one file in flight at once (each at most CDC_MAX bytes, within the byte budget).
+CHUNKS_IN_FLIGHT = 4
+#: Downloads at least this big keep their partial file in the state folder across restarts.
+RESUME_MIN_SIZE = 8 * 1024 * 1024
+#: Where those partial files live, and how long one is kept if nothing resumes it.
+PARTIAL_DIR = "partial"
+PARTIAL_KEEP_SECONDS = 24 * 3600
 Ts = TypeVarTuple("Ts")
 
 
@@ -95,20 +105,26 @@ class Transfer:
     def __init__(
         self,
         root: Path,
-        tmp_dir: Path,
+        state_dir: Path,
         index: Index,
-        remote: Remote,
+        batches: Batches,
         limiter: trio.CapacityLimiter,
         client_name: str,
         parking: Parking,
+        budget: ByteBudget,
+        *,
+        compress: bool,
     ) -> None:
         self.root = root
-        self.tmp_dir = tmp_dir
+        self.tmp_dir = state_dir / "tmp"
+        self.partial_dir = state_dir / PARTIAL_DIR
         self.index = index
-        self.remote = remote
+        self.batches = batches
         self._limiter = limiter
         self._name = client_name
         self._parking = parking
+        self._budget = budget
+        self._compress = compress
         self._umask = _umask()
 
     async def _thread(self, fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> T:
@@ -118,31 +134,25 @@ class Transfer:
 
     async def upload(self, local: LocalFile, base_rev: int) -> FileEntry:
         if local.is_dir:
-            entry = await self.remote.commit(
+            entry = await self.batches.commit(
                 CommitRequest(path=local.path, base_rev=base_rev, kind=DIR)
             )
             await self.index.put(BaseEntry.synced(entry, local.stat, we_wrote_it=True))
             return entry
-        missing = await self.remote.missing(c.hash for c in local.chunks)
+        unique = tuple(dict.fromkeys(c.hash for c in local.chunks))
+        missing = await self.batches.missing(unique) if unique else set()
         full = local_path(self.root, local.path)
         if missing:
             fd = await self._thread(os.open, full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
-                offset = 0
-                for chunk in local.chunks:
-                    if chunk.hash in missing:
-                        data = await self._thread(
-                            _read_verified, fd, chunk.size, offset, chunk.hash
-                        )
-                        await self.remote.put_chunk(chunk.hash, data)
-                        missing.discard(chunk.hash)
-                    offset += chunk.size
+                await self._send_chunks(fd, local, missing)
             finally:
                 os.close(fd)
-        # The content we sent is what we hashed; make sure the file still is, too.
+        # The server checked every chunk against its hash; make sure the file is still what we
+        # hashed, so the commit does not mix old chunks it already had with new ones.
         if await self._thread(_stat_or_none, full) != local.stat:
             raise LocalChanged(f"{local.path}: changed during upload")
-        entry = await self.remote.commit(
+        entry = await self.batches.commit(
             CommitRequest(
                 path=local.path,
                 base_rev=base_rev,
@@ -156,74 +166,166 @@ class Transfer:
         await self.index.put(BaseEntry.synced(entry, local.stat, we_wrote_it=False))
         return entry
 
+    async def _send_chunks(self, fd: int, local: LocalFile, missing: set[str]) -> None:
+        """Send the missing chunks, several at a time, within the shared byte budget."""
+        in_flight = trio.Semaphore(CHUNKS_IN_FLIGHT)
+        async with single_error(), trio.open_nursery() as nursery:
+            offset = 0
+            for chunk in local.chunks:
+                if chunk.hash in missing:
+                    missing.discard(chunk.hash)  # a chunk repeated in the file goes once
+                    await in_flight.acquire()
+                    await self._budget.acquire(chunk.size)
+                    nursery.start_soon(self._send_chunk, fd, chunk, offset, in_flight, local.path)
+                offset += chunk.size
+
+    async def _send_chunk(
+        self, fd: int, chunk: Chunk, offset: int, in_flight: trio.Semaphore, path: str
+    ) -> None:
+        try:
+            frame = await self._thread(self._read_frame, fd, chunk, offset)
+            if not await self.batches.put(frame):
+                raise LocalChanged(f"{path}: changed since it was hashed")
+        finally:
+            self._budget.release(chunk.size)
+            in_flight.release()
+
+    def _read_frame(self, fd: int, chunk: Chunk, offset: int) -> Frame:
+        data = os.pread(fd, chunk.size, offset)
+        if len(data) != chunk.size:
+            raise LocalChanged("file shrank since it was hashed")
+        encoding, payload = pack(data) if self._compress else (RAW, data)
+        return Frame(chunk.hash, encoding, payload)
+
     async def delete_remote(self, path: str, base_rev: int) -> FileEntry:
-        entry = await self.remote.commit(CommitRequest(path=path, base_rev=base_rev, deleted=True))
+        entry = await self.batches.commit(CommitRequest(path=path, base_rev=base_rev, deleted=True))
         await self.index.remove(path)
         return entry
 
     # -- towards the folder -------------------------------------------------------------------
 
-    async def download(self, entry: FileEntry, expected: LocalFile | None) -> bool:
+    async def download(self, entry: FileEntry, expected: LocalFile | None) -> int:
         """Make the local file *entry*'s content, if it is still *expected* (None: absent).
 
-        Returns True if the content came from the folder itself (a move) rather than the server.
+        Chunks already in the folder (in the old version of this file, or in any other file) are
+        copied from there; only the rest is fetched. Returns the bytes fetched from the server.
         """
         if entry.kind == DIR:
             key = await self._thread(self._make_dir, entry.path, expected)
             await self.index.put(BaseEntry.synced(entry, key, we_wrote_it=True))
-            return False
-        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
-        candidates = [e for e in self.index.with_hash(entry.hash) if e.path != entry.path]
-        parked = self._parking.take(entry.hash)
+            return 0
+        # Big downloads keep their partial file across restarts and resume from it.
+        resumable = entry.size >= RESUME_MIN_SIZE
+        work = self._partial_name(entry) if resumable else self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        sources = {c.hash: self.index.chunk_sources(c.hash) for c in entry.chunks}
+        fetched = 0
         try:
-            reused = await self._thread(self._reuse, entry, tmp, parked, candidates)
-            if not reused and parked is None and candidates:
-                # A candidate may have been parked by a concurrent deletion meanwhile; parking
-                # registers a file before its old name goes, so looking again finds it.
-                parked = self._parking.take(entry.hash)
-                if parked is not None:
-                    reused = await self._thread(self._reuse, entry, tmp, parked, [])
-            flags = os.O_WRONLY | os.O_CLOEXEC | (0 if reused else os.O_CREAT | os.O_EXCL)
-            fd = await self._thread(os.open, tmp, flags, 0o600)
+            fd = await self._open_work(work, self._parking.take(entry.hash))
             try:
-                if not reused:
-                    for chunk in entry.chunks:
-                        data = await self.remote.get_chunk(chunk.hash, chunk.size)
-                        await self._thread(_write_verified, fd, data, chunk.hash, chunk.size)
+                needed = await self._thread(self._fill_locally, fd, entry, sources)
+                if needed:
+                    # A concurrent local deletion may have parked the whole file meanwhile.
+                    parked = self._parking.take(entry.hash)
+                    if parked is not None:
+                        os.close(fd)
+                        fd = await self._open_work(work, parked)
+                        needed = await self._thread(self._fill_locally, fd, entry, {})
+                fetched = await self._fetch_chunks(fd, entry, needed)
                 await self._thread(self._finish_file, fd, entry)
             finally:
                 os.close(fd)
-            final = await self._thread(self._place, tmp, entry.path, expected)
+            final = await self._thread(self._place, work, entry.path, expected)
         finally:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(unlink_quietly, tmp)
+            if not resumable:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(unlink_quietly, work)
         await self.index.put(BaseEntry.synced(entry, final, we_wrote_it=True))
-        return reused
+        return fetched
 
-    def _reuse(
-        self, entry: FileEntry, tmp: Path, parked: Path | None, candidates: list[BaseEntry]
-    ) -> bool:
-        """Put *entry*'s content at *tmp* from the folder itself, if it is here somewhere."""
-        if parked is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(parked, tmp)
-                return True
-        for base in candidates:
+    def _partial_name(self, entry: FileEntry) -> Path:
+        return self.partial_dir / f"{hash_bytes(entry.path.encode())[:24]}-{entry.hash[:24]}.part"
+
+    async def _open_work(self, work: Path, parked: Path | None) -> int:
+        """Open the file a download is built in; a parked copy of the content becomes it."""
+
+        def open_() -> int:
+            if parked is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(parked, work)
+            return os.open(work, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+
+        return await self._thread(open_)
+
+    def _fill_locally(
+        self, fd: int, entry: FileEntry, sources: dict[str, list[tuple[str, int]]]
+    ) -> dict[str, tuple[int, list[int]]]:
+        """Put every chunk the work file does not hold yet and the folder has in place.
+        Returns what is left to fetch: hash -> (size, offsets)."""
+        resumed = os.fstat(fd).st_size > 0
+        os.ftruncate(fd, entry.size)
+        needed: dict[str, tuple[int, list[int]]] = {}
+        opened: dict[str, int | None] = {}
+        try:
+            offset = 0
+            for chunk in entry.chunks:
+                if resumed and _holds(fd, chunk, offset):
+                    pass
+                elif chunk.hash in needed:
+                    needed[chunk.hash][1].append(offset)
+                else:
+                    data = self._find_local(chunk, sources.get(chunk.hash, ()), opened)
+                    if data is None:
+                        needed[chunk.hash] = (chunk.size, [offset])
+                    else:
+                        _write_all(fd, data, offset)
+                offset += chunk.size
+        finally:
+            for source_fd in opened.values():
+                if source_fd is not None:
+                    os.close(source_fd)
+        return needed
+
+    def _find_local(
+        self, chunk: Chunk, places: Iterable[tuple[str, int]], opened: dict[str, int | None]
+    ) -> bytes | None:
+        for path, offset in places:
+            if path not in opened:
+                try:
+                    opened[path] = os.open(
+                        local_path(self.root, path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                    )
+                except (OSError, TrioSyncError):
+                    opened[path] = None
+            source_fd = opened[path]
+            if source_fd is None:
+                continue
+            data = os.pread(source_fd, chunk.size, offset)
+            if len(data) == chunk.size and hash_bytes(data) == chunk.hash:
+                return data  # the hash is the proof: it does not matter if the file changed
+        return None
+
+    async def _fetch_chunks(
+        self, fd: int, entry: FileEntry, needed: dict[str, tuple[int, list[int]]]
+    ) -> int:
+        fetched = 0
+        in_flight = trio.Semaphore(CHUNKS_IN_FLIGHT)
+
+        async def fetch(hash: str, size: int, offsets: list[int]) -> None:
+            nonlocal fetched
             try:
-                source = local_path(self.root, base.path)
-                with open(source, "rb") as src:
-                    if stat_key(os.fstat(src.fileno())) != base.stat_key:
-                        continue  # changed since it was synced: not known to be that content
-                    with open(tmp, "wb") as dst:
-                        for chunk in entry.chunks:
-                            data = src.read(chunk.size)
-                            if len(data) != chunk.size or hash_bytes(data) != chunk.hash:
-                                raise LocalChanged("copy source changed")
-                            dst.write(data)
-                return True
-            except (OSError, TrioSyncError):
-                unlink_quietly(tmp)
-        return False
+                frame = await self.batches.fetch(hash, size)
+                await self._thread(_write_fetched, fd, frame, size, offsets)
+                fetched += len(frame.payload)
+            finally:
+                self._budget.release(size)
+                in_flight.release()
+
+        async with single_error(), trio.open_nursery() as nursery:
+            for hash, (size, offsets) in needed.items():
+                await in_flight.acquire()
+                await self._budget.acquire(size)
+                nursery.start_soon(fetch, hash, size, offsets)
+        return fetched
 
     def _finish_file(self, fd: int, entry: FileEntry) -> None:
         mode = 0o666 & ~self._umask
@@ -323,20 +425,25 @@ def normalize_name(root: Path, rel: str, client: str) -> str:
     return target
 
 
-def _read_verified(fd: int, size: int, offset: int, expected_hash: str) -> bytes:
-    data = os.pread(fd, size, offset)
-    if len(data) != size or hash_bytes(data) != expected_hash:
-        raise LocalChanged("file changed since it was hashed")
-    return data
+def _holds(fd: int, chunk: Chunk, offset: int) -> bool:
+    data = os.pread(fd, chunk.size, offset)
+    return len(data) == chunk.size and hash_bytes(data) == chunk.hash
 
 
-def _write_verified(fd: int, data: bytes, expected_hash: str, size: int) -> None:
-    if len(data) != size or hash_bytes(data) != expected_hash:
-        raise ProtocolError(f"chunk {expected_hash} arrived corrupted")
+def _write_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
-        written = os.write(fd, view)
+        written = os.pwrite(fd, view, offset)
         view = view[written:]
+        offset += written
+
+
+def _write_fetched(fd: int, frame: Frame, size: int, offsets: list[int]) -> None:
+    data = unpack(frame.encoding, frame.payload, size)
+    if len(data) != size or hash_bytes(data) != frame.hash:
+        raise ProtocolError(f"chunk {frame.hash} arrived corrupted")
+    for offset in offsets:
+        _write_all(fd, data, offset)
 
 
 def _stat_or_none(path: Path) -> StatKey | None:

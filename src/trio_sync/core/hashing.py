@@ -1,6 +1,9 @@
-"""Content identity: BLAKE3-256 per chunk, and a file hash derived from the chunk list.
+"""Content identity: content-defined chunks named by BLAKE3-256, and a file hash derived from the
+chunk list.
 
-Blocking functions; callers run them through `trio.to_thread.run_sync` with a limiter.
+Chunk boundaries come from FastCDC, so an insert or a deletion moves only the boundaries near it
+and the rest of the file keeps its chunks. Blocking functions; callers run them through
+`trio.to_thread.run_sync` with a limiter.
 """
 
 from __future__ import annotations
@@ -10,8 +13,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from blake3 import blake3
+from fastcdc.fastcdc_cy import fastcdc_cy  # type: ignore[import-untyped]
 
-from ..protocol.models import CHUNK_SIZE, Chunk
+from ..protocol.models import CDC_AVG, CDC_MAX, CDC_MIN, Chunk
+
+#: Bytes read from disk at a time while chunking (memory per hashing thread: about twice this).
+READ_SIZE = 4 * 1024 * 1024
 
 
 def hash_bytes(data: bytes | bytearray | memoryview) -> str:
@@ -33,14 +40,48 @@ class FileDigest:
     chunks: tuple[Chunk, ...]
 
 
-def chunk_file(fd: int, chunk_size: int = CHUNK_SIZE) -> FileDigest:
-    """Hash an open file from its start, one chunk at a time (memory: one chunk)."""
-    chunks: list[Chunk] = []
-    offset = 0
-    while True:
-        data = os.pread(fd, chunk_size, offset)
-        if not data:
+def cut(data: bytes | memoryview, *, final: bool) -> list[tuple[int, int]]:
+    """(offset, length) of the chunks at the start of *data*.
+
+    A cut point depends only on the CDC_MAX bytes after the chunk's start, so unless *data* runs
+    to the end of the file (*final*), chunks are only returned while that much data follows.
+    """
+    out: list[tuple[int, int]] = []
+    total = len(data)
+    for c in fastcdc_cy(data, min_size=CDC_MIN, avg_size=CDC_AVG, max_size=CDC_MAX):
+        if not final and total - c.offset < CDC_MAX:
             break
-        chunks.append(Chunk(hash_bytes(data), len(data)))
-        offset += len(data)
-    return FileDigest(content_hash(chunks), offset, tuple(chunks))
+        out.append((c.offset, c.length))
+    return out
+
+
+def chunk_file(fd: int) -> FileDigest:
+    """Chunk and hash an open file from its start (memory: one buffer, whatever the file size)."""
+    chunks: list[Chunk] = []
+    full_size = READ_SIZE + CDC_MAX
+    # Small files get a small buffer: most files in a tree are small, and zeroing 12 MiB per
+    # file would cost more than hashing it.
+    buf = bytearray(min(full_size, os.fstat(fd).st_size + 1))
+    view = memoryview(buf)
+    filled = 0  # bytes of buf holding data
+    position = 0  # file offset of buf[0]
+    final = False
+    while not final:
+        if filled == len(buf):  # the file grew past our first guess
+            view.release()
+            buf = buf + bytearray(full_size - len(buf))
+            view = memoryview(buf)
+        want = len(buf) - filled
+        got = os.preadv(fd, [view[filled:]], position + filled)
+        filled += got
+        final = got < want
+        used = 0
+        for offset, length in cut(view[:filled], final=final):
+            chunks.append(Chunk(hash_bytes(view[offset : offset + length]), length))
+            used = offset + length
+        # Keep the undecided tail (less than CDC_MAX bytes) at the front of the buffer.
+        view[: filled - used] = view[used:filled]
+        filled -= used
+        position += used
+    view.release()
+    return FileDigest(content_hash(chunks), position, tuple(chunks))

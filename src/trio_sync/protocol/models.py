@@ -14,13 +14,23 @@ from typing import Any
 from ..errors import ProtocolError
 from .paths import check_path
 
-#: Files are cut into chunks of this size (the last one may be shorter).
-CHUNK_SIZE = 4 * 1024 * 1024
-#: The largest chunk the server accepts; leaves room for content-defined chunking later.
+#: Content-defined chunking (FastCDC, as implemented by the `fastcdc` package, whose gear table
+#: is part of this contract): chunk sizes lie between CDC_MIN and CDC_MAX, about CDC_AVG on average.
+#: Every client must cut the same content the same way, or equal files would get different hashes.
+CDC_MIN = 256 * 1024
+CDC_AVG = 1024 * 1024
+CDC_MAX = 4 * 1024 * 1024
+#: Named in `GET /info`; a client refuses a server that announces another.
+CHUNKER = "fastcdc-2016/256K-1M-4M/blake3"
+#: The largest chunk the server accepts.
 MAX_CHUNK_SIZE = 16 * 1024 * 1024
 #: The most chunk hashes one `POST /chunks/missing` may ask about.
 MAX_HASHES_PER_QUERY = 10_000
-#: The most chunks one file version may have (MAX_CHUNKS * CHUNK_SIZE = 4 TiB).
+#: The most chunks one `POST /chunks/fetch` may ask for.
+MAX_FETCH = 4096
+#: The most commits one `POST /commits` may carry.
+MAX_COMMITS = 1000
+#: The most chunks one file version may have (about 1 TiB at the average chunk size).
 MAX_CHUNKS = 1_048_576
 #: Names sent in headers (client name) are bounded and printable.
 MAX_NAME_LEN = 64

@@ -15,18 +15,25 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from ..core.compression import pack, unpack
 from ..errors import Conflict, InvalidPath, ProtocolError, StoreError
+from ..protocol.frames import MEDIA_TYPE, MISSING, RAW, Frame, FrameParser, frame_header
 from ..protocol.models import (
+    CHUNKER,
     DIR,
     MAX_CHUNK_SIZE,
+    MAX_COMMITS,
+    MAX_FETCH,
     MAX_HASHES_PER_QUERY,
     CommitRequest,
+    FileEntry,
     check_hash,
     check_name,
 )
 from ..protocol.sse import format_comment, format_event
 from .auth import check_bearer
 from .hub import ChangeHub
+from .metrics import Traffic
 from .store import BlobStore, MetaStore
 
 log = logging.getLogger("trio_sync.server")
@@ -34,7 +41,8 @@ log = logging.getLogger("trio_sync.server")
 CLIENT_HEADER = "X-Trio-Sync-Client"
 LIST_PAGE = 1000
 EVENT_PAGE = 500
-#: Room for a commit's chunk list (about 200,000 chunks) as well as one chunk.
+#: Room for a batch of chunks up to MAX_CHUNK_SIZE, or a commit's chunk list (about 200,000
+#: chunks), plus framing.
 MAX_BODY = MAX_CHUNK_SIZE + 1024 * 1024
 
 
@@ -53,6 +61,12 @@ async def _json_body() -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ProtocolError("request body is not valid JSON") from None
+
+
+def _what(entry: FileEntry) -> str:
+    if entry.deleted:
+        return "deleted"
+    return "folder" if entry.kind == DIR else f"{entry.size} bytes"
 
 
 def _client_name() -> str:
@@ -79,6 +93,7 @@ def create_app(
     *,
     server_id: str,
     keepalive: float = 15.0,
+    traffic: Traffic | None = None,
 ) -> QuartTrio:
     app = QuartTrio("trio_sync")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
@@ -113,6 +128,8 @@ def create_app(
                 "server_id": server_id,
                 "rev": hub.latest_rev,
                 "clients": sorted(hub.subscribers.values()),
+                "chunker": CHUNKER,
+                "traffic": traffic.to_json() if traffic else None,
             }
         )
 
@@ -161,33 +178,127 @@ def create_app(
             return _error(404, "not_found", f"no chunk {hash}")
         return Response(data, mimetype="application/octet-stream")
 
+    @app.post("/chunks")
+    async def put_chunks() -> Response:
+        """A stream of chunk frames; each is verified and stored as it arrives."""
+        parser = FrameParser()
+        stored: list[str] = []
+        rejected: list[str] = []
+        received = 0
+
+        async def store(frame: Frame) -> None:
+            try:
+                data = await trio.to_thread.run_sync(
+                    unpack, frame.encoding, frame.payload, MAX_CHUNK_SIZE
+                )
+                await blobs.put(frame.hash, data)
+            except (StoreError, ProtocolError):
+                rejected.append(frame.hash)  # the client re-reads that file and tries again
+            else:
+                stored.append(frame.hash)
+
+        failure: ProtocolError | None = None
+        async with trio.open_nursery() as nursery:  # threads are bounded by the store's limiter
+            try:
+                async for piece in request.body:
+                    received += len(piece)
+                    if received > MAX_BODY:
+                        raise ProtocolError(f"a chunk upload is at most {MAX_BODY} bytes")
+                    for frame in parser.feed(piece):
+                        if frame.encoding == MISSING:
+                            raise ProtocolError("an upload cannot send a missing chunk")
+                        nursery.start_soon(store, frame)
+                parser.close()
+            except ProtocolError as e:
+                failure = e  # raised below, outside the nursery's exception group
+        if failure is not None:
+            raise failure
+        return _json({"stored": stored, "rejected": rejected})
+
+    @app.post("/chunks/fetch")
+    async def fetch_chunks() -> Response:
+        """The named chunks as a stream of frames, in the order asked for."""
+        body = await _json_body()
+        hashes = body.get("hashes") if isinstance(body, dict) else None
+        if not isinstance(hashes, list) or len(hashes) > MAX_FETCH:
+            raise ProtocolError(f"'hashes' must be a list of at most {MAX_FETCH}")
+        wanted = [check_hash(h) for h in hashes]
+        compress = bool(body.get("compress", False))
+
+        async def frames() -> AsyncIterator[bytes]:
+            for hash in wanted:
+                data = await blobs.get(hash)
+                if data is None:
+                    yield frame_header(hash, MISSING, 0)
+                    continue
+                encoding, payload = RAW, data
+                if compress:
+                    encoding, payload = await trio.to_thread.run_sync(pack, data)
+                yield frame_header(hash, encoding, len(payload)) + payload
+
+        response = Response(frames(), mimetype=MEDIA_TYPE)
+        response.timeout = None
+        return response
+
+    async def commit_all(requests: list[CommitRequest]) -> list[dict[str, Any]]:
+        origin = _client_name()
+        needed = dict.fromkeys(c.hash for r in requests if not r.deleted for c in r.chunks)
+        absent = set(await blobs.missing(needed)) if needed else set()
+        results: list[dict[str, Any] | None] = [None] * len(requests)
+        ready: list[int] = []
+        for i, req in enumerate(requests):
+            gone = [c.hash for c in req.chunks if c.hash in absent] if not req.deleted else []
+            if gone:
+                results[i] = {
+                    "error": "chunks_missing",
+                    "message": "upload these chunks first",
+                    "missing": list(dict.fromkeys(gone)),
+                }
+            else:
+                ready.append(i)
+        outcomes = await meta.commit_many([requests[i] for i in ready], origin)
+        latest = 0
+        for i, outcome in zip(ready, outcomes, strict=True):
+            if isinstance(outcome, Conflict):
+                current = outcome.current.to_json() if outcome.current else None
+                result: dict[str, Any] = {
+                    "error": "conflict",
+                    "message": str(outcome),
+                    "current": current,
+                    "reason": outcome.reason,
+                }
+                if outcome.blocking is not None:
+                    result["blocking"] = outcome.blocking.to_json()
+                results[i] = result
+            elif isinstance(outcome, StoreError):
+                results[i] = {"error": "rejected", "message": str(outcome)}
+            else:
+                entry, created = outcome
+                if created:
+                    latest = max(latest, entry.rev)
+                    log.info("rev %d: %s (%s) from %s", entry.rev, entry.path, _what(entry), origin)
+                results[i] = {"entry": entry.to_json()}
+        if latest:
+            hub.publish(latest)
+        return [r for r in results if r is not None]
+
     @app.post("/commit")
     async def commit() -> Response:
-        origin = _client_name()
-        req = CommitRequest.from_json(await _json_body())
-        if not req.deleted:
-            missing = await blobs.missing(dict.fromkeys(c.hash for c in req.chunks))
-            if missing:
-                return _error(422, "chunks_missing", "upload these chunks first", missing=missing)
-        try:
-            entry, created = await meta.commit(req, origin)
-        except Conflict as conflict:
-            current = conflict.current.to_json() if conflict.current else None
-            extra: dict[str, Any] = {"current": current, "reason": conflict.reason}
-            if conflict.blocking is not None:
-                extra["blocking"] = conflict.blocking.to_json()
-            return _error(409, "conflict", str(conflict), **extra)
-        if created:
-            hub.publish(entry.rev)
-            what = (
-                "deleted"
-                if entry.deleted
-                else "folder"
-                if entry.kind == DIR
-                else f"{entry.size} bytes"
-            )
-            log.info("rev %d: %s (%s) from %s", entry.rev, entry.path, what, origin)
-        return _json({"entry": entry.to_json()})
+        (result,) = await commit_all([CommitRequest.from_json(await _json_body())])
+        error = result.get("error")
+        if error == "conflict":
+            return _json(result, status=409)
+        if error == "chunks_missing" or error == "rejected":
+            return _json(result, status=422)
+        return _json(result)
+
+    @app.post("/commits")
+    async def commits() -> Response:
+        body = await _json_body()
+        raw = body.get("commits") if isinstance(body, dict) else None
+        if not isinstance(raw, list) or not 0 < len(raw) <= MAX_COMMITS:
+            raise ProtocolError(f"'commits' must be a list of 1 to {MAX_COMMITS} commits")
+        return _json({"results": await commit_all([CommitRequest.from_json(c) for c in raw])})
 
     @app.get("/sync")
     async def sync() -> Response:

@@ -14,6 +14,7 @@ from ..config import ServerConfig
 from .app import create_app
 from .auth import load_or_create_token
 from .hub import ChangeHub
+from .metrics import CountingApp, Traffic
 from .store import DiskBlobStore, SQLiteMetaStore
 
 log = logging.getLogger("trio_sync.server")
@@ -47,7 +48,11 @@ async def run_server(
         )
         server_id = await meta.server_id()
         hub = ChangeHub(await meta.latest_rev())
-        app = create_app(meta, blobs, hub, token, server_id=server_id, keepalive=config.keepalive)
+        traffic = Traffic()
+        app = create_app(
+            meta, blobs, hub, token, server_id=server_id, keepalive=config.keepalive,
+            traffic=traffic,
+        )  # fmt: skip
 
         hc = HypercornConfig()
         host = f"[{config.host}]" if ":" in config.host else config.host
@@ -63,7 +68,12 @@ async def run_server(
 
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(
-                partial(hypercorn_serve, app, hc, shutdown_trigger=shutdown_trigger)
+                partial(
+                    hypercorn_serve,
+                    CountingApp(app, traffic),
+                    hc,
+                    shutdown_trigger=shutdown_trigger,
+                )
             )
             task_status.started(RunningServer(binds[0], token, created, server_id))
     finally:

@@ -24,6 +24,9 @@ from ..core.hashing import content_hash, hash_bytes
 from ..errors import Conflict, StoreError
 from ..protocol.models import DIR, FILE, MAX_CHUNK_SIZE, Chunk, CommitRequest, FileEntry, check_hash
 
+#: What one commit of a batch came to: (entry, created_new_revision), or why it was refused.
+CommitResult = tuple[FileEntry, bool] | Conflict | StoreError
+
 
 class MetaStore(Protocol):
     async def server_id(self) -> str: ...
@@ -34,6 +37,11 @@ class MetaStore(Protocol):
 
         Raises `Conflict` carrying the current entry when the base is stale.
         """
+        ...
+
+    async def commit_many(self, requests: list[CommitRequest], origin: str) -> list[CommitResult]:
+        """`commit` for each request, in order, each result on its own (an error is returned,
+        not raised), in one durable write."""
         ...
 
     async def changes_since(self, rev: int, limit: int) -> list[FileEntry]: ...
@@ -193,59 +201,82 @@ class SQLiteMetaStore:
             origin=origin,
         )
 
-    def _commit(self, req: CommitRequest, origin: str) -> tuple[FileEntry, bool]:
-        """Check and apply one change in one transaction. The tree stays consistent: every live
-        entry's parents are live folders, and no file has anything below it."""
+    def _apply(self, req: CommitRequest, origin: str) -> tuple[FileEntry, bool]:
+        """Check and apply one change inside an open transaction. The tree stays consistent:
+        every live entry's parents are live folders, and no file has anything below it.
+
+        Returns (entry, created); raises Conflict.
+        """
+        cur = self._current(req.path)
+        live = cur if cur is not None and not cur.deleted else None
+        if req.base_rev != (cur.rev if cur else 0) and not (live is None and req.base_rev == 0):
+            raise Conflict(req.path, cur)
+        if req.deleted:
+            if live is None:
+                if cur is None:
+                    raise Conflict(req.path, None)
+                return cur, False  # deleting a tombstone: nothing to do
+            if live.kind == DIR and self._first_live_below(req.path) is not None:
+                raise Conflict(req.path, cur, reason="not_empty")
+        else:
+            parents = req.path.split("/")[:-1]
+            ancestors = ["/".join(parents[: i + 1]) for i in range(len(parents))]
+            missing = []
+            for ancestor in ancestors:
+                existing = self._live(ancestor)
+                if existing is None:
+                    missing.append(ancestor)
+                elif existing.kind == FILE:
+                    raise Conflict(req.path, cur, reason="blocked", blocking=existing)
+            if req.kind == FILE:
+                below = self._first_live_below(req.path)
+                if below is not None:
+                    raise Conflict(req.path, cur, reason="blocked", blocking=below)
+            if live is not None and _same(live, req):
+                return live, False
+            for ancestor in missing:  # parents exist explicitly, so empty folders can too
+                self._insert(CommitRequest(path=ancestor, base_rev=0, kind=DIR), origin)
+        return self._insert(req, origin), True
+
+    def _commit_many(self, reqs: list[CommitRequest], origin: str) -> list[CommitResult]:
+        """Each change checked and applied on its own, all in one transaction (one fsync)."""
         conn = self._conn
+        results: list[CommitResult] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
-            cur = self._current(req.path)
-            live = cur if cur is not None and not cur.deleted else None
-            if req.base_rev != (cur.rev if cur else 0) and not (live is None and req.base_rev == 0):
-                raise Conflict(req.path, cur)
-            if req.deleted:
-                if live is None:
-                    if cur is None:
-                        raise Conflict(req.path, None)
-                    conn.execute("ROLLBACK")
-                    return cur, False  # deleting a tombstone: nothing to do
-                if live.kind == DIR and self._first_live_below(req.path) is not None:
-                    raise Conflict(req.path, cur, reason="not_empty")
-            else:
-                parents = req.path.split("/")[:-1]
-                ancestors = ["/".join(parents[: i + 1]) for i in range(len(parents))]
-                missing = []
-                for ancestor in ancestors:
-                    existing = self._live(ancestor)
-                    if existing is None:
-                        missing.append(ancestor)
-                    elif existing.kind == FILE:
-                        raise Conflict(req.path, cur, reason="blocked", blocking=existing)
-                if req.kind == FILE:
-                    below = self._first_live_below(req.path)
-                    if below is not None:
-                        raise Conflict(req.path, cur, reason="blocked", blocking=below)
-                if live is not None and _same(live, req):
-                    conn.execute("ROLLBACK")
-                    return live, False
-                for ancestor in missing:  # parents exist explicitly, so empty folders can too
-                    self._insert(CommitRequest(path=ancestor, base_rev=0, kind=DIR), origin)
-            entry = self._insert(req, origin)
+            for req in reqs:
+                conn.execute("SAVEPOINT one")
+                try:
+                    entry, created = self._apply(req, origin)
+                except Conflict as conflict:
+                    conn.execute("ROLLBACK TO one")
+                    results.append(conflict)
+                else:
+                    results.append((entry, created))
+                conn.execute("RELEASE one")
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        return entry, True
+        return results
+
+    async def commit_many(self, requests: list[CommitRequest], origin: str) -> list[CommitResult]:
+        checked: list[CommitRequest] = []
+        bad: dict[int, CommitResult] = {}
+        for i, req in enumerate(requests):
+            if not req.deleted and req.kind == FILE and content_hash(req.chunks) != req.hash:
+                bad[i] = StoreError(f"{req.path}: 'hash' does not match the chunk list")
+            else:
+                checked.append(req)
+        applied: list[CommitResult] = await self._run(self._commit_many, checked, origin)
+        done = iter(applied)
+        return [bad[i] if i in bad else next(done) for i in range(len(requests))]
 
     async def commit(self, request: CommitRequest, origin: str) -> tuple[FileEntry, bool]:
-        if (
-            not request.deleted
-            and request.kind == FILE
-            and content_hash(request.chunks) != request.hash
-        ):
-            raise StoreError("'hash' does not match the chunk list")
-        result: tuple[FileEntry, bool] = await self._run(self._commit, request, origin)
+        (result,) = await self.commit_many([request], origin)
+        if isinstance(result, Exception):
+            raise result
         return result
 
     async def changes_since(self, rev: int, limit: int) -> list[FileEntry]:

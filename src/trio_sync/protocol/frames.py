@@ -1,0 +1,81 @@
+"""Chunk frames: the body of `POST /chunks` and of the answer to `POST /chunks/fetch`.
+
+Each frame is one header line, `<hash> <encoding> <length>\\n`, then exactly *length* bytes of
+payload. Encodings: `raw` (the chunk's bytes), `zstd` (one zstd frame that decompresses to them),
+`missing` (the server does not have the chunk; length 0). Headers are short ASCII so that a frame
+stream can be read with curl; payloads are bounded, so a parser never buffers more than one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ..errors import ProtocolError
+from .models import MAX_CHUNK_SIZE, check_hash
+
+RAW = "raw"
+ZSTD = "zstd"
+MISSING = "missing"
+ENCODINGS = (RAW, ZSTD, MISSING)
+#: Longest header line: 64 hex digits, an encoding, a length.
+MAX_HEADER = 96
+MEDIA_TYPE = "application/x-trio-sync-chunks"
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    hash: str
+    encoding: str
+    payload: bytes
+
+
+def frame_header(hash: str, encoding: str, length: int) -> bytes:
+    return f"{hash} {encoding} {length}\n".encode("ascii")
+
+
+class FrameParser:
+    """Incremental: feed bytes as they arrive, get whole frames back."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._header: tuple[str, str, int] | None = None
+
+    def feed(self, data: bytes) -> Iterator[Frame]:
+        self._buf += data
+        while True:
+            if self._header is None:
+                end = self._buf.find(b"\n", 0, MAX_HEADER + 1)
+                if end < 0:
+                    if len(self._buf) > MAX_HEADER:
+                        raise ProtocolError("chunk frame header too long")
+                    return
+                self._header = _parse_header(bytes(self._buf[:end]))
+                del self._buf[: end + 1]
+            hash, encoding, length = self._header
+            if len(self._buf) < length:
+                return
+            payload = bytes(self._buf[:length])
+            del self._buf[:length]
+            self._header = None
+            yield Frame(hash, encoding, payload)
+
+    def close(self) -> None:
+        """Call at the end of the stream: a frame cut short is an error."""
+        if self._header is not None or self._buf:
+            raise ProtocolError("chunk stream ended inside a frame")
+
+
+def _parse_header(line: bytes) -> tuple[str, str, int]:
+    try:
+        hash, encoding, length_text = line.decode("ascii").split(" ")
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError(f"bad chunk frame header: {line[:MAX_HEADER]!r}") from None
+    if encoding not in ENCODINGS:
+        raise ProtocolError(f"unknown chunk encoding {encoding!r}")
+    if not length_text.isdigit() or len(length_text) > 9:
+        raise ProtocolError(f"bad chunk frame length {length_text!r}")
+    length = int(length_text)
+    if length > MAX_CHUNK_SIZE or (encoding == MISSING and length):
+        raise ProtocolError(f"chunk frame of {length} bytes is not allowed")
+    return check_hash(hash), encoding, length
