@@ -34,6 +34,16 @@ EXIT_AUTH = 3
 EXIT_UNREACHABLE = 4
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trio-sync", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -49,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     server.add_argument("--host", default="127.0.0.1", help="address to listen on")
     server.add_argument("--port", type=int, default=8080, help="port to listen on (0: any free)")
     server.add_argument("--token", default=None, help="bearer token (or TRIO_SYNC_TOKEN)")
+    server.add_argument(
+        "--keep-history-days",
+        type=_non_negative,
+        default=30.0,
+        help="keep replaced and deleted versions this long before their space is reclaimed"
+        " (default: 30)",
+    )
 
     client = sub.add_parser("client", help="keep a folder identical to the shared copy")
     client.add_argument("dir", type=Path, help="the folder to sync (created if missing)")
@@ -86,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             host=args.host,
             port=args.port,
             token=token,
+            keep_history_days=args.keep_history_days,
         )
         return trio.run(_server_main, server_config)
     if not token:

@@ -28,6 +28,13 @@ class ServerConfig:
     keepalive: float = 15.0
     #: Seconds in-flight requests get to finish after SIGINT/SIGTERM.
     graceful_timeout: float = 2.0
+    #: Replaced versions are kept this long (their chunks too), then garbage-collected.
+    keep_history_days: float = 30.0
+    #: Seconds between garbage collection passes.
+    gc_interval: float = 3600.0
+    #: A chunk stored or asked about within this many seconds is never collected: a client may
+    #: be about to commit it.
+    gc_grace: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +45,7 @@ class ClientConfig:
     name: str
     #: Paths handled at once. Workers are cheap tasks; their requests are coalesced into
     #: batches, so more workers mean fewer, larger requests. Threads stay bounded separately.
-    workers: int = 64
+    workers: int = 256
     #: Compress chunks with zstd on the wire where that pays (it is probed per chunk).
     compress: bool = True
     #: Chunk bytes held in memory at once by all transfers together.

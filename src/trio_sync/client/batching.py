@@ -25,6 +25,12 @@ R = TypeVar("R")
 
 #: Payload bytes per `POST /chunks` or `POST /chunks/fetch` (the server accepts up to 17 MiB).
 BATCH_BYTES = 8 * 1024 * 1024
+#: A batch waits for more calls while they keep arriving (each within GATHER_STEP seconds of
+#: the last), for up to GATHER_STEPS steps, unless it is full. Files are processed at a few
+#: hundred per second, so a tree of small files becomes batches of hundreds; a lone change waits
+#: one step.
+GATHER_STEP = 0.005
+GATHER_STEPS = 100
 
 
 class Pending(Generic[T, R]):
@@ -96,14 +102,30 @@ class Batcher(Generic[T, R]):
                     self._arrived = trio.Event()
                     await self._arrived.wait()
                 await self._slots.acquire()
-                await (
-                    trio.lowlevel.checkpoint()
-                )  # callers made ready by the same event join this batch
+                await self._gather()
                 batch = self._take()
                 if batch:
                     nursery.start_soon(self._send_batch, batch)
                 else:
                     self._slots.release()
+
+    async def _gather(self) -> None:
+        """Wait briefly while calls keep arriving, so a burst (workers finishing their disk
+        reads one after another) becomes one request. A lone call waits one short step."""
+        for _ in range(GATHER_STEPS):
+            if self._full():
+                return
+            seen = len(self._queue)
+            await trio.sleep(GATHER_STEP)
+            if len(self._queue) == seen:
+                return
+
+    def _full(self) -> bool:
+        if len(self._queue) >= self._max_items:
+            return True
+        return bool(self._max_bytes) and sum(self._size(p.item) for p in self._queue) >= (
+            self._max_bytes
+        )
 
     def _take(self) -> list[Pending[T, R]]:
         batch: list[Pending[T, R]] = []
@@ -168,7 +190,7 @@ class Batches:
             max_items=1000,
             max_bytes=BATCH_BYTES,
             size=lambda f: len(f.payload),
-            parallel=3,
+            parallel=2,
         )
         self._fetch: Batcher[tuple[str, int], Frame] = Batcher(
             self._send_fetch,

@@ -35,8 +35,9 @@ from .scanner import LocalFile, dir_key, local_path, stat_key
 log = logging.getLogger("trio_sync.client")
 T = TypeVar("T")
 
-#: Chunks of one file in flight at once (each at most CDC_MAX bytes, within the byte budget).
-CHUNKS_IN_FLIGHT = 4
+#: Chunks of one file in flight at once, within the byte budget: enough to fill a batch
+#: (BATCH_BYTES) while the previous one is on the wire.
+CHUNKS_IN_FLIGHT = 16
 #: Downloads at least this big keep their partial file in the state folder across restarts.
 RESUME_MIN_SIZE = 8 * 1024 * 1024
 #: Where those partial files live, and how long one is kept if nothing resumes it.
@@ -216,7 +217,11 @@ class Transfer:
             return 0
         # Big downloads keep their partial file across restarts and resume from it.
         resumable = entry.size >= RESUME_MIN_SIZE
-        work = self._partial_name(entry) if resumable else self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        work = (
+            self.partial_dir / partial_name(entry.path, entry.hash)
+            if resumable
+            else self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        )
         sources = {c.hash: self.index.chunk_sources(c.hash) for c in entry.chunks}
         fetched = 0
         try:
@@ -241,9 +246,6 @@ class Transfer:
                     await trio.to_thread.run_sync(unlink_quietly, work)
         await self.index.put(BaseEntry.synced(entry, final, we_wrote_it=True))
         return fetched
-
-    def _partial_name(self, entry: FileEntry) -> Path:
-        return self.partial_dir / f"{hash_bytes(entry.path.encode())[:24]}-{entry.hash[:24]}.part"
 
     async def _open_work(self, work: Path, parked: Path | None) -> int:
         """Open the file a download is built in; a parked copy of the content becomes it."""
@@ -409,6 +411,11 @@ class Transfer:
             candidate = conflict_name(local.path, f"{self._name}-{n}", when)
         os.rename(target, self.root / candidate)
         return candidate
+
+
+def partial_name(path: str, content_hash: str) -> str:
+    """The resumable partial download of *content_hash* for *path* (in the partial folder)."""
+    return f"{hash_bytes(path.encode())[:24]}-{content_hash[:24]}.part"
 
 
 def normalize_name(root: Path, rel: str, client: str) -> str:

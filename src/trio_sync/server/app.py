@@ -94,8 +94,12 @@ def create_app(
     server_id: str,
     keepalive: float = 15.0,
     traffic: Traffic | None = None,
+    commit_lock: trio.Lock | None = None,
 ) -> QuartTrio:
     app = QuartTrio("trio_sync")
+    # Checking that a commit's chunks exist and recording the commit is one step for the
+    # garbage collector, which takes the same lock (see server/gc.py).
+    lock = commit_lock if commit_lock is not None else trio.Lock()
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.config["BODY_TIMEOUT"] = 120
     app.config["RESPONSE_TIMEOUT"] = 300
@@ -243,20 +247,21 @@ def create_app(
     async def commit_all(requests: list[CommitRequest]) -> list[dict[str, Any]]:
         origin = _client_name()
         needed = dict.fromkeys(c.hash for r in requests if not r.deleted for c in r.chunks)
-        absent = set(await blobs.missing(needed)) if needed else set()
         results: list[dict[str, Any] | None] = [None] * len(requests)
         ready: list[int] = []
-        for i, req in enumerate(requests):
-            gone = [c.hash for c in req.chunks if c.hash in absent] if not req.deleted else []
-            if gone:
-                results[i] = {
-                    "error": "chunks_missing",
-                    "message": "upload these chunks first",
-                    "missing": list(dict.fromkeys(gone)),
-                }
-            else:
-                ready.append(i)
-        outcomes = await meta.commit_many([requests[i] for i in ready], origin)
+        async with lock:
+            absent = set(await blobs.missing(needed)) if needed else set()
+            for i, req in enumerate(requests):
+                gone = [c.hash for c in req.chunks if c.hash in absent] if not req.deleted else []
+                if gone:
+                    results[i] = {
+                        "error": "chunks_missing",
+                        "message": "upload these chunks first",
+                        "missing": list(dict.fromkeys(gone)),
+                    }
+                else:
+                    ready.append(i)
+            outcomes = await meta.commit_many([requests[i] for i in ready], origin)
         latest = 0
         for i, outcome in zip(ready, outcomes, strict=True):
             if isinstance(outcome, Conflict):

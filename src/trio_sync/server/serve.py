@@ -13,6 +13,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from ..config import ServerConfig
 from .app import create_app
 from .auth import load_or_create_token
+from .gc import run_periodically
 from .hub import ChangeHub
 from .metrics import CountingApp, Traffic
 from .store import DiskBlobStore, SQLiteMetaStore
@@ -49,9 +50,10 @@ async def run_server(
         server_id = await meta.server_id()
         hub = ChangeHub(await meta.latest_rev())
         traffic = Traffic()
+        commit_lock = trio.Lock()
         app = create_app(
             meta, blobs, hub, token, server_id=server_id, keepalive=config.keepalive,
-            traffic=traffic,
+            traffic=traffic, commit_lock=commit_lock,
         )  # fmt: skip
 
         hc = HypercornConfig()
@@ -61,10 +63,24 @@ async def run_server(
         hc.accesslog = None
         hc.errorlog = logging.getLogger("hypercorn.error")
 
+        gc_scope = trio.CancelScope()
+
         async def shutdown_trigger() -> None:
             await stop.wait()
             log.info("shutting down")
+            gc_scope.cancel()
             hub.close()
+
+        async def collect_garbage() -> None:
+            with gc_scope:
+                await run_periodically(
+                    meta,
+                    blobs,
+                    commit_lock,
+                    every=config.gc_interval,
+                    keep_history=config.keep_history_days * 86400,
+                    grace=config.gc_grace,
+                )
 
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(
@@ -75,6 +91,7 @@ async def run_server(
                     shutdown_trigger=shutdown_trigger,
                 )
             )
+            nursery.start_soon(collect_garbage)
             task_status.started(RunningServer(binds[0], token, created, server_id))
     finally:
         with trio.CancelScope(shield=True):

@@ -8,6 +8,7 @@ All methods are async; the SQLite and disk implementations run their blocking wo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -46,13 +47,32 @@ class MetaStore(Protocol):
 
     async def changes_since(self, rev: int, limit: int) -> list[FileEntry]: ...
     async def list_current(self, after_path: str, limit: int) -> list[FileEntry]: ...
+    async def prune_history(self, superseded_before: float) -> int:
+        """Forget versions replaced before this time (never a path's current version)."""
+        ...
+
+    async def referenced(self, hashes: list[str]) -> set[str]:
+        """Which of these chunks some remaining version still uses."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
 class BlobStore(Protocol):
-    async def missing(self, hashes: Iterable[str]) -> list[str]: ...
+    async def missing(self, hashes: Iterable[str]) -> list[str]:
+        """The hashes not stored. Those that are get a fresh timestamp: a client that was just
+        told the server has a chunk will commit it soon, so garbage collection leaves it."""
+        ...
+
     async def put(self, hash: str, data: bytes) -> None: ...
     async def get(self, hash: str) -> bytes | None: ...
+    async def idle_since(self, before: float) -> list[str]:
+        """Chunks neither stored nor asked about since *before* (a time.time() value)."""
+        ...
+
+    async def delete(self, hashes: list[str], *, idle_since: float) -> int:
+        """Delete these chunks unless they were touched since; returns how many went."""
+        ...
 
 
 _SCHEMA = """
@@ -75,6 +95,10 @@ CREATE TABLE IF NOT EXISTS current (
     path TEXT PRIMARY KEY,
     rev INTEGER NOT NULL REFERENCES versions (rev)
 );
+-- Which versions use which chunk, so garbage collection can ask about a chunk directly.
+CREATE TABLE IF NOT EXISTS version_chunks (hash TEXT NOT NULL, rev INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS version_chunks_by_hash ON version_chunks (hash);
+CREATE INDEX IF NOT EXISTS version_chunks_by_rev ON version_chunks (rev);
 """
 
 _COLUMNS = (
@@ -121,6 +145,8 @@ class SQLiteMetaStore:
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('server_id', ?)",
                 (uuid.uuid4().hex,),
             )
+            if conn.execute("SELECT 1 FROM meta WHERE key = 'chunk_refs'").fetchone() is None:
+                _fill_chunk_refs(conn)  # a store from before garbage collection existed
             return conn
 
         return cls(await trio.to_thread.run_sync(_open))
@@ -183,6 +209,10 @@ class SQLiteMetaStore:
             ),
         ).lastrowid
         assert rev is not None
+        self._conn.executemany(
+            "INSERT INTO version_chunks (hash, rev) VALUES (?, ?)",
+            [(h, rev) for h in dict.fromkeys(c.hash for c in req.chunks)],
+        )
         self._conn.execute(
             "INSERT INTO current (path, rev) VALUES (?, ?)"
             " ON CONFLICT (path) DO UPDATE SET rev = excluded.rev",
@@ -298,8 +328,62 @@ class SQLiteMetaStore:
         )
         return [_entry(r) for r in rows]
 
+    def _prune(self, before: float) -> int:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            old = [
+                r
+                for (r,) in conn.execute(
+                    "SELECT v.rev FROM versions v WHERE v.rev NOT IN (SELECT rev FROM current)"
+                    " AND EXISTS (SELECT 1 FROM versions n WHERE n.path = v.path"
+                    " AND n.rev > v.rev AND n.committed_at < ?)",
+                    (before,),
+                )
+            ]
+            conn.executemany("DELETE FROM version_chunks WHERE rev = ?", [(r,) for r in old])
+            conn.executemany("DELETE FROM versions WHERE rev = ?", [(r,) for r in old])
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return len(old)
+
+    async def prune_history(self, superseded_before: float) -> int:
+        pruned: int = await self._run(self._prune, superseded_before)
+        return pruned
+
+    async def referenced(self, hashes: list[str]) -> set[str]:
+        def query() -> set[str]:
+            used: set[str] = set()
+            for i in range(0, len(hashes), 500):
+                part = hashes[i : i + 500]
+                marks = ",".join("?" * len(part))
+                used.update(
+                    h
+                    for (h,) in self._conn.execute(
+                        f"SELECT DISTINCT hash FROM version_chunks WHERE hash IN ({marks})", part
+                    )
+                )
+            return used
+
+        result: set[str] = await self._run(query)
+        return result
+
     async def aclose(self) -> None:
         await self._run(self._conn.close)
+
+
+def _fill_chunk_refs(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    for rev, chunks in conn.execute("SELECT rev, chunks FROM versions").fetchall():
+        conn.executemany(
+            "INSERT INTO version_chunks (hash, rev) VALUES (?, ?)",
+            [(h, rev) for h in dict.fromkeys(h for h, _ in json.loads(chunks))],
+        )
+    conn.execute("INSERT INTO meta (key, value) VALUES ('chunk_refs', '1')")
+    conn.execute("COMMIT")
 
 
 class DiskBlobStore:
@@ -329,13 +413,47 @@ class DiskBlobStore:
 
     async def missing(self, hashes: Iterable[str]) -> list[str]:
         paths = [(h, self._path(h)) for h in hashes]
-        return await trio.to_thread.run_sync(
-            lambda: [h for h, p in paths if not p.exists()], limiter=self._limiter
-        )
+
+        def check() -> list[str]:
+            absent = []
+            for hash, path in paths:
+                try:
+                    os.utime(path)
+                except FileNotFoundError:
+                    absent.append(hash)
+            return absent
+
+        return await trio.to_thread.run_sync(check, limiter=self._limiter)
+
+    async def idle_since(self, before: float) -> list[str]:
+        def scan() -> list[str]:
+            found = []
+            for dirpath, _dirs, files in os.walk(self._root):
+                for name in files:
+                    with contextlib.suppress(FileNotFoundError):
+                        if os.stat(os.path.join(dirpath, name)).st_mtime < before:
+                            found.append(name)
+            return found
+
+        return await trio.to_thread.run_sync(scan, limiter=self._limiter)
+
+    async def delete(self, hashes: list[str], *, idle_since: float) -> int:
+        def remove() -> int:
+            gone = 0
+            for hash in hashes:
+                path = self._path(hash)
+                with contextlib.suppress(FileNotFoundError):
+                    if path.stat().st_mtime < idle_since:
+                        path.unlink()
+                        gone += 1
+            return gone
+
+        return await trio.to_thread.run_sync(remove, limiter=self._limiter)
 
     def _put(self, hash: str, data: bytes) -> None:
         final = self._path(hash)
-        if final.exists():
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(final)  # already stored: just fresh again for garbage collection
             return
         if len(data) > MAX_CHUNK_SIZE or not data:
             raise StoreError(f"chunk size must be 1..{MAX_CHUNK_SIZE} bytes")

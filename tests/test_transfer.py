@@ -1,0 +1,383 @@
+"""The transfer engine: content-defined chunks, batching, delta, reuse, resume, zstd, GC.
+
+Byte and request counts come from the server's own counters (`GET /info` "traffic"), so each
+test shows what really crossed the wire.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import zstandard
+from hypothesis import given
+from hypothesis import strategies as st
+
+from trio_sync.client.engine import Engine
+from trio_sync.client.transfer import PARTIAL_DIR, partial_name
+from trio_sync.config import ClientConfig
+from trio_sync.core.compression import pack, unpack
+from trio_sync.core.hashing import chunk_file, content_hash, cut, hash_bytes
+from trio_sync.errors import IncompatibleServer, ProtocolError
+from trio_sync.protocol.frames import RAW, ZSTD, FrameParser, frame_header
+from trio_sync.protocol.models import CDC_MAX, CDC_MIN, MAX_CHUNK_SIZE, Chunk, CommitRequest
+from trio_sync.protocol.paths import STATE_DIR_NAME
+from trio_sync.server.gc import collect_garbage
+from trio_sync.server.store import DiskBlobStore, SQLiteMetaStore
+
+from .conftest import TOKEN, ServerHandle, in_sync, requests_between, traffic
+
+Start = Callable[..., Any]
+MiB = 1024 * 1024
+#: Room for JSON (commits, events, listings) around the chunk bytes a test counts.
+SLACK = 64 * 1024
+
+
+def data(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def write(path: Path, content: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+
+
+def chunks_of(content: bytes) -> list[Chunk]:
+    return [
+        Chunk(hash_bytes(content[o : o + n]), n) for o, n in cut(memoryview(content), final=True)
+    ]
+
+
+# -- chunking ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, CDC_MIN - 1, CDC_MIN + 1, 9 * MiB + 7, 21 * MiB])
+def test_streamed_chunking_cuts_like_the_whole_buffer(tmp_path: Path, size: int) -> None:
+    content = data(size, size)
+    write(tmp_path / "f", content)
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        digest = chunk_file(fd)
+    finally:
+        os.close(fd)
+    assert list(digest.chunks) == chunks_of(content)
+    assert digest.size == size
+    assert digest.hash == content_hash(digest.chunks)
+    assert all(CDC_MIN <= c.size <= CDC_MAX for c in digest.chunks[:-1])
+
+
+def test_an_insert_at_the_start_changes_only_the_first_chunk() -> None:
+    content = data(20 * MiB, 1)
+    before, after = chunks_of(content), chunks_of(b"!" + content)
+    assert len(set(after) - set(before)) == 1
+
+
+# -- frames and compression -----------------------------------------------------------------
+
+
+@given(st.lists(st.binary(max_size=300), max_size=5), st.data())
+def test_frames_parse_however_the_stream_is_split(payloads: list[bytes], draw: Any) -> None:
+    stream = b"".join(frame_header(hash_bytes(p), RAW, len(p)) + p for p in payloads)
+    cuts = sorted(draw.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+    parser = FrameParser()
+    got = []
+    for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        got.extend(parser.feed(stream[start:end]))
+    parser.close()
+    assert [f.payload for f in got] == payloads
+    assert all(f.hash == hash_bytes(f.payload) for f in got)
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        b"x" * 200,  # no header end
+        b"abc raw 1\n.",  # not a hash
+        ("a" * 64 + " gzip 1\n.").encode(),  # unknown encoding
+        ("a" * 64 + f" raw {MAX_CHUNK_SIZE + 1}\n").encode(),  # too big
+        ("a" * 64 + " missing 3\nabc").encode(),  # a missing chunk has no payload
+    ],
+)
+def test_bad_frames_are_protocol_errors(stream: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        list(FrameParser().feed(stream))
+
+
+def test_a_frame_cut_short_is_an_error() -> None:
+    parser = FrameParser()
+    list(parser.feed(("a" * 64 + " raw 10\nabc").encode()))
+    with pytest.raises(ProtocolError):
+        parser.close()
+
+
+def test_compression_is_used_only_where_it_pays() -> None:
+    noise = data(MiB, 2)
+    assert pack(noise) == (RAW, noise)
+    text = b"the quick brown fox jumps over the lazy dog\n" * 20_000
+    encoding, payload = pack(text)
+    assert encoding == ZSTD
+    assert len(payload) < len(text) // 10
+    assert unpack(encoding, payload, len(text)) == text
+
+
+def test_a_compressed_chunk_cannot_expand_past_the_limit() -> None:
+    bomb = zstandard.ZstdCompressor().compress(bytes(20 * MiB))
+    with pytest.raises(ProtocolError):
+        unpack(ZSTD, bomb, MAX_CHUNK_SIZE)
+    with pytest.raises(ProtocolError):
+        unpack(ZSTD, b"not zstd at all", MAX_CHUNK_SIZE)
+
+
+# -- the wire ---------------------------------------------------------------------------------
+
+
+async def test_chunk_upload_rejects_a_chunk_that_does_not_match_its_hash(
+    server: ServerHandle,
+) -> None:
+    good, bad = b"good chunk", b"bad chunk"
+    body = frame_header(hash_bytes(good), RAW, len(good)) + good
+    body += frame_header(hash_bytes(b"something else"), RAW, len(bad)) + bad
+    async with httpx.AsyncClient(
+        base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as client:
+        answer = (await client.post("/chunks", content=body)).json()
+        assert answer == {"stored": [hash_bytes(good)], "rejected": [hash_bytes(b"something else")]}
+        cut_short = await client.post("/chunks", content=body[:-3])
+        assert cut_short.status_code == 400
+        fetched = await client.post(
+            "/chunks/fetch", json={"hashes": [hash_bytes(good), hash_bytes(bad)]}
+        )
+        frames = list(FrameParser().feed(fetched.content))
+        assert [(f.encoding, f.payload) for f in frames] == [(RAW, good), ("missing", b"")]
+
+
+async def test_a_batch_of_commits_gets_one_result_each(server: ServerHandle) -> None:
+    chunk = b"content"
+    chunks = [Chunk(hash_bytes(chunk), len(chunk))]
+    file = CommitRequest(
+        "a.txt", 0, hash=content_hash(chunks), size=len(chunk), chunks=tuple(chunks)
+    )
+    async with httpx.AsyncClient(
+        base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as client:
+        missing = await client.post("/commits", json={"commits": [file.to_json()]})
+        assert missing.json()["results"][0]["error"] == "chunks_missing"
+        await client.post("/chunks", content=frame_header(chunks[0].hash, RAW, 7) + chunk)
+        folder = CommitRequest("dir", 0, kind="dir")
+        stale = CommitRequest("dir", 5, kind="dir")
+        answer = await client.post(
+            "/commits", json={"commits": [file.to_json(), folder.to_json(), stale.to_json()]}
+        )
+    results = answer.json()["results"]
+    assert results[0]["entry"]["path"] == "a.txt"
+    assert results[1]["entry"]["path"] == "dir"
+    assert results[2]["error"] == "conflict"
+
+
+# -- end to end -------------------------------------------------------------------------------
+
+
+async def test_many_small_files_move_in_few_requests(
+    start_client: Start, server: ServerHandle, tmp_path: Path
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    for i in range(400):
+        write(a / f"dir{i % 10}/file{i}", data(4096, i))
+    before = await traffic(server)
+    await start_client("a")
+    await start_client("b")
+    await in_sync(a, b, timeout=60)
+    after = await traffic(server)
+    # One request per file and route without batching; batches here hold dozens of files
+    # (how many depends on how fast files arrive: see docs/benchmarks.md for 10,000 files).
+    for route in ("POST /chunks", "POST /commits", "POST /chunks/fetch", "POST /chunks/missing"):
+        assert 0 < requests_between(before, after, route) <= 80, route
+    assert requests_between(before, after, "POST /commit") == 0
+
+
+async def test_edits_inside_a_large_file_move_about_what_changed(
+    start_client: Start, server: ServerHandle, tmp_path: Path
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    write(a / "big.bin", data(24 * MiB, 3))
+    await start_client("a")
+    await start_client("b")
+    await in_sync(a, b, timeout=60)
+
+    async def measure(edit: Callable[[Path], None]) -> tuple[int, int]:
+        before = await traffic(server)
+        edit(a / "big.bin")
+        await in_sync(a, b, timeout=60)
+        after = await traffic(server)
+        return after["bytes_in"] - before["bytes_in"], after["bytes_out"] - before["bytes_out"]
+
+    def overwrite_middle(path: Path) -> None:
+        with open(path, "r+b") as f:
+            f.seek(12 * MiB)
+            f.write(data(MiB, 4))
+
+    def insert_at_start(path: Path) -> None:
+        path.write_bytes(b"!" + path.read_bytes())
+
+    def append(path: Path) -> None:
+        with open(path, "ab") as f:
+            f.write(data(MiB, 5))
+
+    for edit, changed in ((overwrite_middle, MiB), (insert_at_start, 1), (append, MiB)):
+        sent, received = await measure(edit)
+        # What changed, plus at most the two chunks around it.
+        assert sent <= changed + 2 * CDC_MAX + SLACK, edit.__name__
+        assert received <= changed + 2 * CDC_MAX + SLACK, edit.__name__
+
+
+async def test_a_download_reuses_chunks_from_other_local_files(
+    start_client: Start, server: ServerHandle, tmp_path: Path
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    original = data(12 * MiB, 6)
+    write(a / "original.bin", original)
+    await start_client("a")
+    await start_client("b")
+    await in_sync(a, b, timeout=60)
+    before = await traffic(server)
+    write(a / "longer copy.bin", original + data(MiB, 7))
+    await in_sync(a, b, timeout=60)
+    after = await traffic(server)
+    assert after["bytes_out"] - before["bytes_out"] <= MiB + CDC_MAX + SLACK
+    assert after["bytes_in"] - before["bytes_in"] <= MiB + CDC_MAX + SLACK
+
+
+async def test_an_interrupted_upload_resumes_without_resending_stored_chunks(
+    start_client: Start, server: ServerHandle, tmp_path: Path
+) -> None:
+    content = data(16 * MiB, 8)
+    chunks = chunks_of(content)
+    half = len(chunks) // 2
+    # What an upload cut off half way leaves on the server: the first chunks, no commit.
+    body = b""
+    offset = 0
+    for chunk in chunks[:half]:
+        body += frame_header(chunk.hash, RAW, chunk.size) + content[offset : offset + chunk.size]
+        offset += chunk.size
+    async with httpx.AsyncClient(
+        base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as client:
+        assert (await client.post("/chunks", content=body)).status_code == 200
+    write(tmp_path / "a/big.bin", content)
+    before = await traffic(server)
+    await start_client("a")
+    after = await traffic(server)
+    assert after["bytes_in"] - before["bytes_in"] <= len(content) - offset + SLACK
+
+
+async def test_an_interrupted_download_resumes_from_its_partial_file(
+    start_client: Start, server: ServerHandle, tmp_path: Path
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    content = data(16 * MiB, 9)
+    write(a / "big.bin", content)
+    uploader = await start_client("a")
+    await uploader.stop()
+    # What a download cut off half way leaves: the first half in place, the rest not written.
+    digest_hash = content_hash(chunks_of(content))
+    partial = b / STATE_DIR_NAME / PARTIAL_DIR / partial_name("big.bin", digest_hash)
+    write(partial, content[: 8 * MiB])
+    before = await traffic(server)
+    await start_client("b")
+    await in_sync(a, b)
+    after = await traffic(server)
+    assert after["bytes_out"] - before["bytes_out"] <= 8 * MiB + CDC_MAX + SLACK
+    assert not partial.exists()
+
+
+@pytest.mark.parametrize("compress", [True, False])
+async def test_compressible_content_travels_compressed(
+    start_client: Start, server: ServerHandle, tmp_path: Path, compress: bool
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    text = b"".join(b"line %d of a log file that repeats itself\n" % i for i in range(100_000))
+    write(a / "app.log", text)
+    before = await traffic(server)
+    await start_client("a", compress=compress)
+    await start_client("b", compress=compress)
+    await in_sync(a, b, timeout=60)
+    after = await traffic(server)
+    sent, received = (
+        after["bytes_in"] - before["bytes_in"],
+        after["bytes_out"] - before["bytes_out"],
+    )
+    if compress:
+        assert sent < len(text) // 4
+        assert received < len(text) // 4
+    else:
+        assert sent > len(text)
+        assert received > len(text)
+
+
+async def test_a_client_refuses_a_server_that_chunks_differently(
+    nursery: trio.Nursery, client_config: Callable[..., ClientConfig]
+) -> None:
+    async def other_version(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        body = b'{"server_id": "x", "rev": 0, "chunker": "fixed-4M/sha256"}'
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body)
+        )
+        await stream.aclose()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, other_version, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    engine = Engine(client_config("c", server_url=f"http://127.0.0.1:{port}"))
+    with pytest.raises(IncompatibleServer):
+        await engine.sync_once()
+
+
+# -- garbage collection -----------------------------------------------------------------------
+
+
+async def test_garbage_collection_keeps_what_history_and_commits_need(tmp_path: Path) -> None:
+    meta = await SQLiteMetaStore.open(tmp_path / "index.db")
+    blobs = DiskBlobStore.open(tmp_path, limiter=trio.CapacityLimiter(2))
+    lock = trio.Lock()
+    try:
+        versions = [b"version one", b"version two"]
+        chunks = [Chunk(hash_bytes(v), len(v)) for v in versions]
+        for chunk, content in zip(chunks, versions, strict=True):
+            await blobs.put(chunk.hash, content)
+        rev = 0
+        for chunk in chunks:
+            entry, _ = await meta.commit(
+                CommitRequest(
+                    "notes.txt", rev, hash=content_hash([chunk]), size=chunk.size, chunks=(chunk,)
+                ),
+                "a",
+            )
+            rev = entry.rev
+        orphan = b"uploaded, never committed"
+        await blobs.put(hash_bytes(orphan), orphan)
+        later = time.time() + 10
+
+        # Within the history window and the grace period, everything stays.
+        kept = await collect_garbage(meta, blobs, lock, keep_history=3600, grace=3600, now=later)
+        assert (kept.versions_pruned, kept.chunks_deleted) == (0, 0)
+        # Past both: the replaced version and the orphan go; the current version stays.
+        gone = await collect_garbage(meta, blobs, lock, keep_history=1, grace=1, now=later)
+        assert (gone.versions_pruned, gone.chunks_deleted) == (1, 2)
+        assert await blobs.get(chunks[1].hash) == versions[1]
+        assert await blobs.get(chunks[0].hash) is None
+        # A chunk someone just asked about is fresh again and survives.
+        await blobs.put(hash_bytes(orphan), orphan)
+        assert await blobs.missing([hash_bytes(orphan)]) == []
+        fresh = await collect_garbage(meta, blobs, lock, keep_history=1, grace=5, now=later - 6)
+        assert fresh.chunks_deleted == 0
+    finally:
+        await meta.aclose()
