@@ -27,7 +27,7 @@ from trio_sync.config import ClientConfig
 from trio_sync.core.compression import pack, unpack
 from trio_sync.core.hashing import chunk_file, content_hash, cut, hash_bytes
 from trio_sync.errors import IncompatibleServer, ProtocolError
-from trio_sync.protocol.frames import RAW, ZSTD, FrameParser, frame_header
+from trio_sync.protocol.frames import RAW, ZSTD, Frame, FrameParser, frame_header
 from trio_sync.protocol.models import CDC_MAX, CDC_MIN, MAX_CHUNK_SIZE, Chunk, CommitRequest
 from trio_sync.protocol.paths import STATE_DIR_NAME
 from trio_sync.server.gc import collect_garbage
@@ -88,7 +88,7 @@ def test_frames_parse_however_the_stream_is_split(payloads: list[bytes], draw: A
     stream = b"".join(frame_header(hash_bytes(p), RAW, len(p)) + p for p in payloads)
     cuts = sorted(draw.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
     parser = FrameParser()
-    got = []
+    got: list[Frame] = []
     for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
         got.extend(parser.feed(stream[start:end]))
     parser.close()
