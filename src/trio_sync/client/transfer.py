@@ -233,12 +233,14 @@ class Transfer:
                     parked = self._parking.take(entry.hash)
                     if parked is not None:
                         os.close(fd)
+                        fd = -1
                         fd = await self._open_work(work, parked)
                         needed = await self._thread(self._fill_locally, fd, entry, {})
                 fetched = await self._fetch_chunks(fd, entry, needed)
                 await self._thread(self._finish_file, fd, entry)
             finally:
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
             final = await self._thread(self._place, work, entry.path, expected)
         finally:
             if not resumable:
