@@ -291,6 +291,7 @@ async def test_uploaded_chunks_are_not_kept_in_memory(server: ServerHandle) -> N
     import tracemalloc
 
     from trio_sync.client.remote import Remote
+    from trio_sync.protocol.frames import RAW, Frame
 
     gc.disable()  # what a GC pass would free does not count: it would pile up between passes
     tracemalloc.start()
@@ -298,7 +299,7 @@ async def test_uploaded_chunks_are_not_kept_in_memory(server: ServerHandle) -> N
         async with Remote(server.url, TOKEN, "mem") as remote:
             for i in range(6):
                 data = bytes([i]) * (4 * 1024 * 1024)
-                await remote.put_chunk(hash_bytes(data), data)
+                await remote.put_chunks([Frame(hash_bytes(data), RAW, data)])
                 del data
             _, peak = tracemalloc.get_traced_memory()
     finally:

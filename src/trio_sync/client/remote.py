@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from typing import Any, NoReturn, TypeVar, cast
 
 import httpx
@@ -22,7 +22,6 @@ from ..errors import (
 )
 from ..protocol.frames import MEDIA_TYPE, MISSING, Frame, FrameParser, frame_header
 from ..protocol.models import (
-    MAX_CHUNK_SIZE,
     MAX_HASHES_PER_QUERY,
     CommitRequest,
     FileEntry,
@@ -75,6 +74,22 @@ class Remote:
             _raise_for_status(response)
         return response
 
+    @asynccontextmanager
+    async def _stream(
+        self, method: str, url: str, **kwargs: Any
+    ) -> AsyncIterator[AsyncGenerator[bytes, None]]:
+        """A streamed request: status checked, the raw body as pieces, transport errors (also
+        those raised while reading) mapped to ServerUnavailable."""
+        try:
+            async with self._client.stream(method, url, **kwargs) as response:
+                if response.status_code >= 300:
+                    await response.aread()
+                    _raise_for_status(response)
+                async with _closing(response.aiter_raw()) as pieces:
+                    yield pieces
+        except httpx.TransportError as e:
+            raise ServerUnavailable(f"{method} {url}: {e!r}") from e
+
     async def info(self) -> dict[str, Any]:
         data = _json((await self._request("GET", "/info")).content)
         if not isinstance(data, dict) or not isinstance(data.get("server_id"), str):
@@ -85,23 +100,25 @@ class Remote:
         """Every live file on the server: (server_id, rev the listing starts from, entries)."""
         entries: dict[str, FileEntry] = {}
         header: dict[str, Any] | None = None
-        try:
-            async with self._client.stream("GET", "/files") as response:
-                if response.status_code >= 300:
-                    await response.aread()
-                    _raise_for_status(response)
-                async with _closing(response.aiter_lines()) as lines:
-                    async for line in lines:
-                        if not line:
-                            continue
-                        data = _json(line.encode())
-                        if header is None:
-                            header = data
-                            continue
-                        entry = _entry(data)
-                        entries[entry.path] = entry
-        except httpx.TransportError as e:
-            raise ServerUnavailable(f"GET /files: {e!r}") from e
+
+        def take(line: bytes) -> None:
+            nonlocal header
+            if not line.strip():
+                return
+            data = _json(line)
+            if header is None:
+                header = data
+            else:
+                entry = _entry(data)
+                entries[entry.path] = entry
+
+        pending = b""
+        async with self._stream("GET", "/files") as pieces:
+            async for piece in pieces:
+                *lines, pending = (pending + piece).split(b"\n")
+                for line in lines:
+                    take(line)
+        take(pending)
         if header is None or not isinstance(header.get("rev"), int):
             raise ProtocolError("/files: missing header line")
         return str(header["server_id"]), int(header["rev"]), entries
@@ -114,34 +131,6 @@ class Remote:
             response = await self._request("POST", "/chunks/missing", json={"hashes": batch})
             missing.update(_json(response.content)["missing"])
         return missing
-
-    async def put_chunk(self, hash: str, data: bytes) -> None:
-        size = len(data)
-        body = _OneShotBody(data)
-        del data
-        await self._request(
-            "PUT", f"/chunks/{hash}", content=body,
-            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
-        )  # fmt: skip
-
-    async def get_chunk(self, hash: str, size: int) -> bytes:
-        """The chunk's bytes; the caller verifies the hash. Refuses more than *size* bytes."""
-        if size > MAX_CHUNK_SIZE:
-            raise ProtocolError(f"chunk of {size} bytes exceeds the limit")
-        try:
-            async with self._client.stream("GET", f"/chunks/{hash}") as response:
-                if response.status_code >= 300:
-                    await response.aread()
-                    _raise_for_status(response)
-                buf = bytearray()
-                async with _closing(response.aiter_raw()) as pieces:
-                    async for piece in pieces:
-                        buf += piece
-                        if len(buf) > size:
-                            raise ProtocolError(f"chunk {hash} is longer than announced")
-        except httpx.TransportError as e:
-            raise ServerUnavailable(f"GET /chunks/{hash}: {e!r}") from e
-        return bytes(buf)
 
     async def put_chunks(self, frames: list[Frame]) -> tuple[set[str], set[str]]:
         """Upload a batch of chunk frames; returns (stored, rejected) hashes. A chunk is rejected
@@ -169,18 +158,11 @@ class Remote:
         """Stream the named chunks; *on_frame* gets each as it arrives (the caller verifies)."""
         parser = FrameParser()
         body = {"hashes": hashes, "compress": compress}
-        try:
-            async with self._client.stream("POST", "/chunks/fetch", json=body) as response:
-                if response.status_code >= 300:
-                    await response.aread()
-                    _raise_for_status(response)
-                async with _closing(response.aiter_raw()) as pieces:
-                    async for piece in pieces:
-                        for frame in parser.feed(piece):
-                            await on_frame(frame)
-                parser.close()
-        except httpx.TransportError as e:
-            raise ServerUnavailable(f"POST /chunks/fetch: {e!r}") from e
+        async with self._stream("POST", "/chunks/fetch", json=body) as pieces:
+            async for piece in pieces:
+                for frame in parser.feed(piece):
+                    await on_frame(frame)
+        parser.close()
 
     async def commit_many(self, requests: list[CommitRequest]) -> list[FileEntry | RemoteError]:
         """Commit a batch; each result is the new entry or the error for that one change."""
@@ -191,49 +173,44 @@ class Remote:
             raise ProtocolError("/commits: one result per commit expected")
         return [_commit_result(r) for r in results]
 
-    async def commit(self, request: CommitRequest) -> FileEntry:
-        response = await self._request("POST", "/commit", json=request.to_json())
-        return _entry(_json(response.content).get("entry"))
-
     async def listen(
         self, cursor: int, on_event: Callable[[ServerSentEvent], Awaitable[None]]
     ) -> None:
         """Follow `/sync` from *cursor* until the stream ends (then raises ServerUnavailable)."""
         parser = SSEParser()
         headers = {"Accept": "text/event-stream", "Last-Event-ID": str(cursor)}
-        try:
-            async with self._client.stream(
-                "GET", "/sync", headers=headers, timeout=self._stream_timeout
-            ) as response:
-                if response.status_code >= 300:
-                    await response.aread()
-                    _raise_for_status(response)
-                async with _closing(response.aiter_raw()) as pieces:
-                    async for piece in pieces:
-                        for event in parser.feed(piece):
-                            await on_event(event)
-        except httpx.TransportError as e:
-            raise ServerUnavailable(f"event stream: {e!r}") from e
+        async with self._stream(
+            "GET", "/sync", headers=headers, timeout=self._stream_timeout
+        ) as pieces:
+            async for piece in pieces:
+                for event in parser.feed(piece):
+                    await on_event(event)
         raise ServerUnavailable("the server closed the event stream")
 
 
 class _FrameBody:
-    """Chunk frames as a request body, letting go of each payload once it is sent."""
+    """Chunk frames as a request body: each header, then its payload as it is (no copy), and
+    each frame let go of once sent, so memory does not grow with the batch."""
 
     def __init__(self, frames: list[Frame]) -> None:
         self._frames = frames
         self._next = 0
+        self._payload: bytes | None = None
 
     def __aiter__(self) -> _FrameBody:
         return self
 
     async def __anext__(self) -> bytes:
+        if self._payload is not None:
+            payload, self._payload = self._payload, None
+            return payload
         if self._next >= len(self._frames):
             raise StopAsyncIteration
         frame = self._frames[self._next]
         self._frames[self._next] = _SENT
         self._next += 1
-        return frame_header(frame.hash, frame.encoding, len(frame.payload)) + frame.payload
+        self._payload = frame.payload
+        return frame_header(frame.hash, frame.encoding, len(frame.payload))
 
 
 _SENT = Frame("0" * 64, MISSING, b"")
@@ -245,27 +222,6 @@ def _commit_result(data: object) -> FileEntry | RemoteError:
     if "entry" in data:
         return _entry(data["entry"])
     return _error_from(data, 0)
-
-
-class _OneShotBody:
-    """A request body that lets go of its bytes once sent.
-
-    httpx keeps a bytes body on the Request, which sits in a reference cycle with its Response:
-    every chunk would stay in memory until a GC pass. Not an async generator, so a cancelled
-    upload leaves nothing to finalize.
-    """
-
-    def __init__(self, data: bytes) -> None:
-        self._data: bytes | None = data
-
-    def __aiter__(self) -> _OneShotBody:
-        return self
-
-    async def __anext__(self) -> bytes:
-        data, self._data = self._data, None
-        if data is None:
-            raise StopAsyncIteration
-        return data
 
 
 def _json(raw: bytes) -> Any:

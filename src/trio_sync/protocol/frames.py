@@ -55,7 +55,8 @@ class FrameParser:
             hash, encoding, length = self._header
             if len(self._buf) < length:
                 return
-            payload = bytes(self._buf[:length])
+            with memoryview(self._buf) as view:
+                payload = bytes(view[:length])  # one copy; slicing the bytearray would make two
             del self._buf[:length]
             self._header = None
             yield Frame(hash, encoding, payload)
