@@ -26,6 +26,7 @@ from trio_sync.client.transfer import PARTIAL_DIR, partial_name
 from trio_sync.config import ClientConfig
 from trio_sync.core.compression import pack, unpack
 from trio_sync.core.hashing import chunk_file, content_hash, cut, hash_bytes
+from trio_sync.core.offload import Offload
 from trio_sync.errors import IncompatibleServer, ProtocolError
 from trio_sync.protocol.frames import RAW, ZSTD, Frame, FrameParser, frame_header
 from trio_sync.protocol.models import CDC_MAX, CDC_MIN, MAX_CHUNK_SIZE, Chunk, CommitRequest
@@ -346,38 +347,46 @@ async def test_a_client_refuses_a_server_that_chunks_differently(
 
 async def test_garbage_collection_keeps_what_history_and_commits_need(tmp_path: Path) -> None:
     meta = await SQLiteMetaStore.open(tmp_path / "index.db")
-    blobs = DiskBlobStore.open(tmp_path, limiter=trio.CapacityLimiter(2))
+    io = Offload(2)
+    blobs = DiskBlobStore.open(tmp_path, offload=io)
     lock = trio.Lock()
-    try:
-        versions = [b"version one", b"version two"]
-        chunks = [Chunk(hash_bytes(v), len(v)) for v in versions]
-        for chunk, content in zip(chunks, versions, strict=True):
-            await blobs.put(chunk.hash, content)
-        rev = 0
-        for chunk in chunks:
-            entry, _ = await meta.commit(
-                CommitRequest(
-                    "notes.txt", rev, hash=content_hash([chunk]), size=chunk.size, chunks=(chunk,)
-                ),
-                "a",
-            )
-            rev = entry.rev
-        orphan = b"uploaded, never committed"
-        await blobs.put(hash_bytes(orphan), orphan)
-        later = time.time() + 10
+    async with io.running():
+        try:
+            versions = [b"version one", b"version two"]
+            chunks = [Chunk(hash_bytes(v), len(v)) for v in versions]
+            for chunk, content in zip(chunks, versions, strict=True):
+                await blobs.put(chunk.hash, content)
+            rev = 0
+            for chunk in chunks:
+                entry, _ = await meta.commit(
+                    CommitRequest(
+                        "notes.txt",
+                        rev,
+                        hash=content_hash([chunk]),
+                        size=chunk.size,
+                        chunks=(chunk,),
+                    ),
+                    "a",
+                )
+                rev = entry.rev
+            orphan = b"uploaded, never committed"
+            await blobs.put(hash_bytes(orphan), orphan)
+            later = time.time() + 10
 
-        # Within the history window and the grace period, everything stays.
-        kept = await collect_garbage(meta, blobs, lock, keep_history=3600, grace=3600, now=later)
-        assert (kept.versions_pruned, kept.chunks_deleted) == (0, 0)
-        # Past both: the replaced version and the orphan go; the current version stays.
-        gone = await collect_garbage(meta, blobs, lock, keep_history=1, grace=1, now=later)
-        assert (gone.versions_pruned, gone.chunks_deleted) == (1, 2)
-        assert await blobs.get(chunks[1].hash) == versions[1]
-        assert await blobs.get(chunks[0].hash) is None
-        # A chunk someone just asked about is fresh again and survives.
-        await blobs.put(hash_bytes(orphan), orphan)
-        assert await blobs.missing([hash_bytes(orphan)]) == []
-        fresh = await collect_garbage(meta, blobs, lock, keep_history=1, grace=5, now=later - 6)
-        assert fresh.chunks_deleted == 0
-    finally:
-        await meta.aclose()
+            # Within the history window and the grace period, everything stays.
+            kept = await collect_garbage(
+                meta, blobs, lock, keep_history=3600, grace=3600, now=later
+            )
+            assert (kept.versions_pruned, kept.chunks_deleted) == (0, 0)
+            # Past both: the replaced version and the orphan go; the current version stays.
+            gone = await collect_garbage(meta, blobs, lock, keep_history=1, grace=1, now=later)
+            assert (gone.versions_pruned, gone.chunks_deleted) == (1, 2)
+            assert await blobs.get(chunks[1].hash) == versions[1]
+            assert await blobs.get(chunks[0].hash) is None
+            # A chunk someone just asked about is fresh again and survives.
+            await blobs.put(hash_bytes(orphan), orphan)
+            assert await blobs.missing([hash_bytes(orphan)]) == []
+            fresh = await collect_garbage(meta, blobs, lock, keep_history=1, grace=5, now=later - 6)
+            assert fresh.chunks_deleted == 0
+        finally:
+            await meta.aclose()

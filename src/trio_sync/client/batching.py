@@ -30,7 +30,7 @@ BATCH_BYTES = 8 * 1024 * 1024
 #: hundred per second, so a tree of small files becomes batches of hundreds; a lone change waits
 #: one step.
 GATHER_STEP = 0.005
-GATHER_STEPS = 100
+GATHER_STEPS = 10
 
 
 class Pending(Generic[T, R]):

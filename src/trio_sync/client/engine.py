@@ -26,6 +26,7 @@ import trio
 from ..config import ClientConfig
 from ..core.durable import unlink_quietly
 from ..core.ignore import IGNORE_FILE, IgnoreRules
+from ..core.offload import Offload
 from ..core.reconcile import Action, Content, Side, decide
 from ..errors import (
     ChunksMissing,
@@ -85,7 +86,9 @@ class Engine:
         self._warned: set[str] = set()
         self._rechecks: dict[str, int] = {}
         self._ignore_text = ""
-        self._io = trio.CapacityLimiter(4)
+        #: Disk work (hashing, reads, writes, renames) and the index's SQLite, off the Trio thread.
+        self._io = Offload(4)
+        self._db = Offload(1)
         self._index: Index | None = None
         self._scanner = Scanner(self.root, self._io)
         self._parking = Parking(self.state_dir / "tmp")
@@ -125,13 +128,14 @@ class Engine:
         # No checkpoint between taking the lock and the try: a cancellation there would leak
         # the lock and refuse every later client on this folder.
         try:
-            await self._reload_ignore()
-            self._index = await Index.open(self.state_dir / "state.db")
-            try:
-                yield
-            finally:
-                with trio.CancelScope(shield=True):
-                    await self._index.aclose()
+            async with self._io.running(), self._db.running():
+                await self._reload_ignore()
+                self._index = await Index.open(self.state_dir / "state.db", self._db)
+                try:
+                    yield
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self._index.aclose()
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(partial(shutil.rmtree, tmp, ignore_errors=True))
@@ -286,9 +290,7 @@ class Engine:
         while self._scanner.denormalized:
             rel = self._scanner.denormalized.pop()
             try:
-                new = await trio.to_thread.run_sync(
-                    normalize_name, self.root, rel, self.config.name, limiter=self._io
-                )
+                new = await self._io.run_sync(normalize_name, self.root, rel, self.config.name)
             except FileNotFoundError:
                 continue
             except OSError as e:
@@ -343,7 +345,7 @@ class Engine:
             await trio.sleep(RETRY_FAILED_EVERY)
             self.queue.mark_many(list(self.failed))
             for spot in self._parking.expired():
-                await trio.to_thread.run_sync(unlink_quietly, spot, limiter=self._io)
+                await self._io.run_sync(unlink_quietly, spot)
 
     # -- doing the work ---------------------------------------------------------------------
 

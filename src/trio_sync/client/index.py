@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import trio
-
+from ..core.offload import Offload
 from ..core.reconcile import Content, Side
 from ..protocol.models import DIR, Chunk, FileEntry
 
@@ -99,19 +98,28 @@ class BaseEntry:
 
 class Index:
     def __init__(
-        self, conn: sqlite3.Connection, entries: dict[str, BaseEntry], meta: dict[str, str]
+        self,
+        conn: sqlite3.Connection,
+        entries: dict[str, BaseEntry],
+        meta: dict[str, str],
+        offload: Offload,
     ):
         self._conn = conn
+        #: One thread: the connection is used by one thread at a time, in call order.
+        self._offload = offload
         self._entries = entries
         self._meta = meta
         #: chunk hash -> {path: offset}: where each chunk was when its file was last synced.
         self._by_chunk: dict[str, dict[str, int]] = {}
         for entry in entries.values():
             self._link_chunks(entry)
-        self._limiter = trio.CapacityLimiter(1)
 
     @classmethod
-    async def open(cls, path: Path) -> Index:
+    async def open(cls, path: Path, offload: Offload) -> Index:
+        """Open the index at *path*; *offload* must have exactly one thread."""
+        if offload.threads != 1:
+            raise ValueError("the index needs an Offload of one thread")
+
         def _open() -> Index:
             conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
@@ -125,12 +133,12 @@ class Index:
                     mtime, inode, bool(racy),
                 )  # fmt: skip
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-            return cls(conn, entries, meta)
+            return cls(conn, entries, meta, offload)
 
-        return await trio.to_thread.run_sync(_open)
+        return await offload.run_sync(_open)
 
     async def _run(self, sql: str, params: tuple[Any, ...] = ()) -> None:
-        await trio.to_thread.run_sync(self._conn.execute, sql, params, limiter=self._limiter)
+        await self._offload.run_sync(self._conn.execute, sql, params)
 
     def get(self, path: str) -> BaseEntry | None:
         return self._entries.get(path)
@@ -191,4 +199,4 @@ class Index:
         self._meta[key] = value
 
     async def aclose(self) -> None:
-        await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)
+        await self._offload.run_sync(self._conn.close)

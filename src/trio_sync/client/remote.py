@@ -30,6 +30,8 @@ from ..protocol.models import (
 from ..protocol.sse import ServerSentEvent, SSEParser
 
 CLIENT_HEADER = "X-Trio-Sync-Client"
+#: Small chunk frames in an upload are joined into writes of about this many bytes.
+WRITE_SIZE = 256 * 1024
 T = TypeVar("T")
 
 
@@ -189,28 +191,37 @@ class Remote:
 
 
 class _FrameBody:
-    """Chunk frames as a request body: each header, then its payload as it is (no copy), and
-    each frame let go of once sent, so memory does not grow with the batch."""
+    """Chunk frames as a request body, each frame let go of once sent, so memory does not grow
+    with the batch. Small frames are joined into writes of about WRITE_SIZE (a write costs as
+    much as a few KiB of data); a large payload is sent as it is, after its header."""
 
     def __init__(self, frames: list[Frame]) -> None:
         self._frames = frames
         self._next = 0
-        self._payload: bytes | None = None
+        self._large: bytes | None = None
 
     def __aiter__(self) -> _FrameBody:
         return self
 
     async def __anext__(self) -> bytes:
-        if self._payload is not None:
-            payload, self._payload = self._payload, None
-            return payload
-        if self._next >= len(self._frames):
+        if self._large is not None:
+            large, self._large = self._large, None
+            return large
+        pieces: list[bytes] = []
+        size = 0
+        while self._next < len(self._frames) and size < WRITE_SIZE:
+            frame = self._frames[self._next]
+            self._frames[self._next] = _SENT
+            self._next += 1
+            pieces.append(frame_header(frame.hash, frame.encoding, len(frame.payload)))
+            if len(frame.payload) >= WRITE_SIZE:
+                self._large = frame.payload
+                break
+            pieces.append(frame.payload)
+            size += len(frame.payload)
+        if not pieces:
             raise StopAsyncIteration
-        frame = self._frames[self._next]
-        self._frames[self._next] = _SENT
-        self._next += 1
-        self._payload = frame.payload
-        return frame_header(frame.hash, frame.encoding, len(frame.payload))
+        return b"".join(pieces)
 
 
 _SENT = Frame("0" * 64, MISSING, b"")

@@ -13,10 +13,9 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-import trio
-
 from ..core.hashing import chunk_file
 from ..core.ignore import IgnoreRules
+from ..core.offload import Offload
 from ..core.reconcile import Content
 from ..errors import InvalidPath, LocalChanged, TrioSyncError
 from ..protocol.models import DIR, FILE, Chunk
@@ -83,9 +82,9 @@ def local_path(root: Path, path: str) -> Path:
 
 
 class Scanner:
-    def __init__(self, root: Path, limiter: trio.CapacityLimiter) -> None:
+    def __init__(self, root: Path, offload: Offload) -> None:
         self.root = root
-        self._limiter = limiter
+        self._offload = offload
         #: Names found by the last walks that cannot be synced, with the reason.
         self.rejected: dict[str, str] = {}
         #: Names that would be valid in NFC form; the engine renames them.
@@ -94,10 +93,7 @@ class Scanner:
 
     async def scan(self, path: str, base: BaseEntry | None) -> LocalFile | None:
         """Describe *path* on disk now: None if absent; Unsyncable if it is not a regular file."""
-        result: LocalFile | None = await trio.to_thread.run_sync(
-            self._scan, path, base, limiter=self._limiter
-        )
-        return result
+        return await self._offload.run_sync(self._scan, path, base)
 
     def _scan(self, path: str, base: BaseEntry | None) -> LocalFile | None:
         full = local_path(self.root, path)
@@ -138,10 +134,7 @@ class Scanner:
         """Every regular file and folder below the folders *unders* (wire paths; none: the whole
         synced folder). A path that is not a folder contributes nothing."""
         tops = unders or ("",)
-        result: list[str] = await trio.to_thread.run_sync(
-            lambda: [p for top in tops for p in self._walk(top)], limiter=self._limiter
-        )
-        return result
+        return await self._offload.run_sync(lambda: [p for top in tops for p in self._walk(top)])
 
     def _walk(self, under: str) -> list[str]:
         top = self.root / under if under else self.root

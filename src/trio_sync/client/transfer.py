@@ -25,6 +25,7 @@ import trio
 from ..core.compression import pack, unpack
 from ..core.durable import fsync_dir, unlink_quietly
 from ..core.hashing import hash_bytes
+from ..core.offload import Offload
 from ..errors import LocalChanged, ProtocolError, TrioSyncError, single_error
 from ..protocol.frames import RAW, Frame
 from ..protocol.models import DIR, Chunk, CommitRequest, FileEntry
@@ -109,7 +110,7 @@ class Transfer:
         state_dir: Path,
         index: Index,
         batches: Batches,
-        limiter: trio.CapacityLimiter,
+        offload: Offload,
         client_name: str,
         parking: Parking,
         budget: ByteBudget,
@@ -121,7 +122,7 @@ class Transfer:
         self.partial_dir = state_dir / PARTIAL_DIR
         self.index = index
         self.batches = batches
-        self._limiter = limiter
+        self._offload = offload
         self._name = client_name
         self._parking = parking
         self._budget = budget
@@ -129,7 +130,7 @@ class Transfer:
         self._umask = _umask()
 
     async def _thread(self, fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> T:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        return await self._offload.run_sync(fn, *args)
 
     # -- towards the server -------------------------------------------------------------------
 
@@ -245,7 +246,7 @@ class Transfer:
         finally:
             if not resumable:
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(unlink_quietly, work)
+                    await self._thread(unlink_quietly, work)
         await self.index.put(BaseEntry.synced(entry, final, we_wrote_it=True))
         return fetched
 

@@ -16,6 +16,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from ..core.compression import pack, unpack
+from ..core.offload import Offload
 from ..errors import Conflict, InvalidPath, ProtocolError, StoreError
 from ..protocol.frames import MEDIA_TYPE, MISSING, RAW, Frame, FrameParser, frame_header
 from ..protocol.models import (
@@ -41,6 +42,8 @@ log = logging.getLogger("trio_sync.server")
 CLIENT_HEADER = "X-Trio-Sync-Client"
 LIST_PAGE = 1000
 EVENT_PAGE = 500
+#: Streamed frames are gathered into writes of about this many bytes.
+WRITE_SIZE = 256 * 1024
 #: Room for a batch of chunks up to MAX_CHUNK_SIZE, or a commit's chunk list (about 200,000
 #: chunks), plus framing.
 MAX_BODY = MAX_CHUNK_SIZE + 1024 * 1024
@@ -95,8 +98,11 @@ def create_app(
     keepalive: float = 15.0,
     traffic: Traffic | None = None,
     commit_lock: trio.Lock | None = None,
+    offload: Offload,
 ) -> QuartTrio:
+    """The app; *offload* runs (de)compression of chunks, inside its `running()` block."""
     app = QuartTrio("trio_sync")
+    cpu = offload.run_sync
     # Checking that a commit's chunks exist and recording the commit is one step for the
     # garbage collector, which takes the same lock (see server/gc.py).
     lock = commit_lock if commit_lock is not None else trio.Lock()
@@ -192,9 +198,7 @@ def create_app(
 
         async def store(frame: Frame) -> None:
             try:
-                data = await trio.to_thread.run_sync(
-                    unpack, frame.encoding, frame.payload, MAX_CHUNK_SIZE
-                )
+                data = await cpu(unpack, frame.encoding, frame.payload, MAX_CHUNK_SIZE)
                 await blobs.put(frame.hash, data)
             except (StoreError, ProtocolError):
                 rejected.append(frame.hash)  # the client re-reads that file and tries again
@@ -230,15 +234,25 @@ def create_app(
         compress = bool(body.get("compress", False))
 
         async def frames() -> AsyncIterator[bytes]:
+            # Small frames go out together: every write costs as much as a few KiB of data.
+            pieces: list[bytes] = []
+            size = 0
             for hash in wanted:
                 data = await blobs.get(hash)
                 if data is None:
-                    yield frame_header(hash, MISSING, 0)
-                    continue
-                encoding, payload = RAW, data
-                if compress:
-                    encoding, payload = await trio.to_thread.run_sync(pack, data)
-                yield frame_header(hash, encoding, len(payload)) + payload
+                    pieces.append(frame_header(hash, MISSING, 0))
+                else:
+                    encoding, payload = RAW, data
+                    if compress:
+                        encoding, payload = await cpu(pack, data)
+                    pieces += (frame_header(hash, encoding, len(payload)), payload)
+                    size += len(payload)
+                if size >= WRITE_SIZE:
+                    yield b"".join(pieces)
+                    pieces.clear()
+                    size = 0
+            if pieces:
+                yield b"".join(pieces)
 
         response = Response(frames(), mimetype=MEDIA_TYPE)
         response.timeout = None
@@ -320,11 +334,13 @@ def create_app(
                 position = start
                 while not hub.closed:
                     batch = await meta.changes_since(position, EVENT_PAGE)
-                    for entry in batch:
-                        data = json.dumps(entry.to_json())
-                        yield format_event(data, event="change", id=str(entry.rev))
-                        position = entry.rev
                     if batch:
+                        # One write for the page: a tree of small files makes thousands.
+                        yield b"".join(
+                            format_event(json.dumps(e.to_json()), event="change", id=str(e.rev))
+                            for e in batch
+                        )
+                        position = batch[-1].rev
                         continue
                     with trio.move_on_after(keepalive) as idle:
                         await hub.wait_beyond(position)

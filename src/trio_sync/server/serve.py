@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from ..config import ServerConfig
+from ..core.offload import Offload
 from .app import create_app
 from .auth import load_or_create_token
 from .gc import run_periodically
@@ -42,18 +44,30 @@ async def run_server(
         token, created = config.token, False
     else:
         token, created = await trio.to_thread.run_sync(load_or_create_token, data_dir)
+    io = Offload(4)  # chunk files and their (de)compression
+    async with io.running():
+        await _serve(config, data_dir, token, created, io, stop, task_status)
+
+
+async def _serve(
+    config: ServerConfig,
+    data_dir: Path,
+    token: str,
+    created: bool,
+    io: Offload,
+    stop: trio.Event,
+    task_status: trio.TaskStatus[RunningServer],
+) -> None:
     meta = await SQLiteMetaStore.open(data_dir / "index.db")
     try:
-        blobs = await trio.to_thread.run_sync(
-            partial(DiskBlobStore.open, data_dir, limiter=trio.CapacityLimiter(4))
-        )
+        blobs = await trio.to_thread.run_sync(partial(DiskBlobStore.open, data_dir, offload=io))
         server_id = await meta.server_id()
         hub = ChangeHub(await meta.latest_rev())
         traffic = Traffic()
         commit_lock = trio.Lock()
         app = create_app(
             meta, blobs, hub, token, server_id=server_id, keepalive=config.keepalive,
-            traffic=traffic, commit_lock=commit_lock,
+            traffic=traffic, commit_lock=commit_lock, offload=io,
         )  # fmt: skip
 
         hc = HypercornConfig()

@@ -2,8 +2,9 @@
 (content-addressed chunks). The embedded defaults are SQLite and local disk; a PostgreSQL or
 object-store backend implements the same two protocols.
 
-All methods are async; the SQLite and disk implementations run their blocking work through
-`trio.to_thread.run_sync` with a limiter, so the event loop never waits on the disk.
+All methods are async; the SQLite and disk implementations run their blocking work in threads
+(SQLite through `trio.to_thread.run_sync` with a limiter of one; the chunk files, touched once
+per chunk, through an `Offload`), so the event loop never waits on the disk.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import trio
 
 from ..core.durable import fsync_dir
 from ..core.hashing import content_hash, hash_bytes
+from ..core.offload import Offload
 from ..errors import Conflict, StoreError
 from ..protocol.models import DIR, FILE, MAX_CHUNK_SIZE, Chunk, CommitRequest, FileEntry, check_hash
 
@@ -393,19 +395,19 @@ class DiskBlobStore:
     so a crash leaves either no chunk or a whole, correct one.
     """
 
-    def __init__(self, root: Path, tmp: Path, *, limiter: trio.CapacityLimiter) -> None:
+    def __init__(self, root: Path, tmp: Path, *, offload: Offload) -> None:
         self._root = root
         self._tmp = tmp
-        self._limiter = limiter
+        self._offload = offload
 
     @classmethod
-    def open(cls, data_dir: Path, *, limiter: trio.CapacityLimiter) -> DiskBlobStore:
+    def open(cls, data_dir: Path, *, offload: Offload) -> DiskBlobStore:
         root, tmp = data_dir / "chunks", data_dir / "tmp"
         root.mkdir(parents=True, exist_ok=True)
         tmp.mkdir(parents=True, exist_ok=True)
         for leftover in tmp.iterdir():  # from a crash or a kill -9: never complete chunks
             leftover.unlink(missing_ok=True)
-        return cls(root, tmp, limiter=limiter)
+        return cls(root, tmp, offload=offload)
 
     def _path(self, hash: str) -> Path:
         check_hash(hash)
@@ -423,7 +425,7 @@ class DiskBlobStore:
                     absent.append(hash)
             return absent
 
-        return await trio.to_thread.run_sync(check, limiter=self._limiter)
+        return await self._offload.run_sync(check)
 
     async def idle_since(self, before: float) -> list[str]:
         def scan() -> list[str]:
@@ -435,7 +437,7 @@ class DiskBlobStore:
                             found.append(name)
             return found
 
-        return await trio.to_thread.run_sync(scan, limiter=self._limiter)
+        return await self._offload.run_sync(scan)
 
     async def delete(self, hashes: list[str], *, idle_since: float) -> int:
         def remove() -> int:
@@ -448,7 +450,7 @@ class DiskBlobStore:
                         gone += 1
             return gone
 
-        return await trio.to_thread.run_sync(remove, limiter=self._limiter)
+        return await self._offload.run_sync(remove)
 
     def _put(self, hash: str, data: bytes) -> None:
         final = self._path(hash)
@@ -473,7 +475,7 @@ class DiskBlobStore:
 
     async def put(self, hash: str, data: bytes) -> None:
         # Not cancellable mid-write: the temp file is removed by _put itself either way.
-        await trio.to_thread.run_sync(self._put, hash, data, limiter=self._limiter)
+        await self._offload.run_sync(self._put, hash, data)
 
     def _get(self, hash: str) -> bytes | None:
         try:
@@ -482,8 +484,7 @@ class DiskBlobStore:
             return None
 
     async def get(self, hash: str) -> bytes | None:
-        result: bytes | None = await trio.to_thread.run_sync(self._get, hash, limiter=self._limiter)
-        return result
+        return await self._offload.run_sync(self._get, hash)
 
 
 def _same(entry: FileEntry, req: CommitRequest) -> bool:
