@@ -56,7 +56,7 @@ async def test_a_call_cancelled_while_queued_never_runs() -> None:
     release = threading.Event()
     ran: list[str] = []
     async with offload.running(), trio.open_nursery() as nursery:
-        nursery.start_soon(offload.run_sync, release.wait)  # holds the only thread
+        nursery.start_soon(offload.run_sync, lambda: release.wait())  # holds the only thread
         queued = trio.CancelScope()
         nursery.start_soon(_cancelled_call, offload, ran, queued)
         await trio.testing.wait_all_tasks_blocked()
