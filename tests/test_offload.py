@@ -43,20 +43,35 @@ async def test_no_more_threads_than_asked_for_at_once() -> None:
 
 async def test_one_thread_runs_calls_in_the_order_they_were_made() -> None:
     offload = Offload(1)
+    holding, release = threading.Event(), threading.Event()
     done: list[int] = []
+
+    def hold() -> None:
+        holding.set()
+        release.wait()
+
     async with offload.running(), trio.open_nursery() as nursery:
-        for i in range(200):
+        nursery.start_soon(offload.run_sync, hold)  # the rest queue up behind it
+        await trio.to_thread.run_sync(holding.wait)
+        for i in range(100):
             nursery.start_soon(offload.run_sync, done.append, i)
-            await trio.lowlevel.checkpoint()  # tasks start in order, and queue in order
-    assert done == list(range(200))
+            await trio.testing.wait_all_tasks_blocked()  # queued before the next one starts
+        release.set()
+    assert done == list(range(100))
 
 
 async def test_a_call_cancelled_while_queued_never_runs() -> None:
     offload = Offload(1)
-    release = threading.Event()
+    holding, release = threading.Event(), threading.Event()
     ran: list[str] = []
+
+    def hold() -> None:
+        holding.set()
+        release.wait()
+
     async with offload.running(), trio.open_nursery() as nursery:
-        nursery.start_soon(offload.run_sync, lambda: release.wait())  # holds the only thread
+        nursery.start_soon(offload.run_sync, hold)  # takes the only thread
+        await trio.to_thread.run_sync(holding.wait)
         queued = trio.CancelScope()
         nursery.start_soon(_cancelled_call, offload, ran, queued)
         await trio.testing.wait_all_tasks_blocked()

@@ -199,9 +199,28 @@ async def test_many_small_files_move_in_few_requests(
     after = await traffic(server)
     # One request per file and route without batching; batches here hold dozens of files
     # (how many depends on how fast files arrive: see docs/benchmarks.md for 10,000 files).
-    for route in ("POST /chunks", "POST /commits", "POST /chunks/fetch", "POST /chunks/missing"):
+    for route in ("POST /chunks", "POST /commits", "POST /chunks/fetch"):
         assert 0 < requests_between(before, after, route) <= 80, route
     assert requests_between(before, after, "POST /commit") == 0
+    # Small files this folder never synced are sent without asking whether the server has them.
+    assert requests_between(before, after, "POST /chunks/missing") == 0
+
+
+async def test_a_copy_of_synced_content_is_not_uploaded_again(
+    start_client: Start, server: ServerHandle, tmp_path: Path
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    write(a / "small.txt", data(4096, 1))
+    await start_client("a")
+    await start_client("b")
+    await in_sync(a, b, timeout=30)
+    before = await traffic(server)
+    write(a / "copy.txt", (a / "small.txt").read_bytes())
+    await in_sync(a, b, timeout=30)
+    after = await traffic(server)
+    # Content the folder synced before: the client asks first, and the server already has it.
+    assert requests_between(before, after, "POST /chunks/missing") >= 1
+    assert requests_between(before, after, "POST /chunks") == 0
 
 
 async def test_edits_inside_a_large_file_move_about_what_changed(

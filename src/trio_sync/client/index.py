@@ -176,6 +176,10 @@ class Index:
                 if not places:
                     del self._by_chunk[chunk.hash]
 
+    def has_chunk(self, hash: str) -> bool:
+        """Whether some synced file had this chunk (so the server has it, or had it)."""
+        return hash in self._by_chunk
+
     def chunk_sources(self, hash: str) -> list[tuple[str, int]]:
         """(path, offset) where a chunk with this hash was when those files were last synced.
         The files may have changed since: read, then verify the hash."""

@@ -67,9 +67,9 @@ def dir_key(st: os.stat_result) -> StatKey:
 def local_path(root: Path, path: str) -> Path:
     """The local path for wire path *path*; raises Unsyncable if a parent folder is a symlink
     or not a folder. Parents that do not exist are fine (the path is then simply absent)."""
-    current = root
+    current = os.fspath(root)  # strings: this runs several times for every file synced
     for part in path.split("/")[:-1]:
-        current = current / part
+        current = f"{current}/{part}"
         try:
             st = os.lstat(current)
         except FileNotFoundError:

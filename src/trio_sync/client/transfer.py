@@ -41,6 +41,12 @@ T = TypeVar("T")
 CHUNKS_IN_FLIGHT = 16
 #: Downloads at least this big keep their partial file in the state folder across restarts.
 RESUME_MIN_SIZE = 8 * 1024 * 1024
+#: A file up to this size whose content the folder does not have is fetched whole into memory
+#: and written in one step; most files in a tree are this small.
+SMALL_DOWNLOAD = 1024 * 1024
+#: A file up to this size with content this folder never synced is sent without asking the
+#: server first: the question would cost more than the bytes.
+SEND_WITHOUT_ASKING = 64 * 1024
 #: Where those partial files live, and how long one is kept if nothing resumes it.
 PARTIAL_DIR = "partial"
 PARTIAL_KEEP_SECONDS = 24 * 3600
@@ -142,7 +148,10 @@ class Transfer:
             await self.index.put(BaseEntry.synced(entry, local.stat, we_wrote_it=True))
             return entry
         unique = tuple(dict.fromkeys(c.hash for c in local.chunks))
-        missing = await self.batches.missing(unique) if unique else set()
+        if local.stat.size <= SEND_WITHOUT_ASKING and not any(map(self.index.has_chunk, unique)):
+            missing = set(unique)
+        else:
+            missing = await self.batches.missing(unique) if unique else set()
         full = local_path(self.root, local.path)
         if missing:
             fd = await self._thread(os.open, full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -224,9 +233,12 @@ class Transfer:
             else self.tmp_dir / f"{uuid.uuid4().hex}.part"
         )
         sources = {c.hash: self.index.chunk_sources(c.hash) for c in entry.chunks}
+        parked = self._parking.take(entry.hash)
+        if entry.size <= SMALL_DOWNLOAD and parked is None and not any(sources.values()):
+            return await self._download_small(entry, expected)
         fetched = 0
         try:
-            fd = await self._open_work(work, self._parking.take(entry.hash))
+            fd = await self._open_work(work, parked)
             try:
                 needed = await self._thread(self._fill_locally, fd, entry, sources)
                 if needed:
@@ -249,6 +261,42 @@ class Transfer:
                     await self._thread(unlink_quietly, work)
         await self.index.put(BaseEntry.synced(entry, final, we_wrote_it=True))
         return fetched
+
+    async def _download_small(self, entry: FileEntry, expected: LocalFile | None) -> int:
+        """Fetch every chunk into memory, then write, fsync and place the file in one step."""
+        wanted = {c.hash: c.size for c in entry.chunks}
+        frames: dict[str, Frame] = {}
+
+        async def fetch(hash: str, size: int) -> None:
+            frames[hash] = await self.batches.fetch(hash, size)
+
+        await self._budget.acquire(entry.size)
+        try:
+            async with single_error(), trio.open_nursery() as nursery:
+                for hash, size in wanted.items():
+                    nursery.start_soon(fetch, hash, size)
+            final = await self._thread(self._write_small, entry, frames, expected)
+        finally:
+            self._budget.release(entry.size)
+        await self.index.put(BaseEntry.synced(entry, final, we_wrote_it=True))
+        return sum(len(f.payload) for f in frames.values())
+
+    def _write_small(
+        self, entry: FileEntry, frames: dict[str, Frame], expected: LocalFile | None
+    ) -> StatKey:
+        sizes = {c.hash: c.size for c in entry.chunks}
+        chunks = {h: _decoded(frame, sizes[h]) for h, frame in frames.items()}
+        work = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        try:
+            fd = os.open(work, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                _write_all(fd, b"".join(chunks[c.hash] for c in entry.chunks), 0)
+                self._finish_file(fd, entry)
+            finally:
+                os.close(fd)
+            return self._place(work, entry.path, expected)
+        finally:
+            unlink_quietly(work)
 
     async def _open_work(self, work: Path, parked: Path | None) -> int:
         """Open the file a download is built in; a parked copy of the content becomes it."""
@@ -448,10 +496,15 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
         offset += written
 
 
-def _write_fetched(fd: int, frame: Frame, size: int, offsets: list[int]) -> None:
+def _decoded(frame: Frame, size: int) -> bytes:
     data = unpack(frame.encoding, frame.payload, size)
     if len(data) != size or hash_bytes(data) != frame.hash:
         raise ProtocolError(f"chunk {frame.hash} arrived corrupted")
+    return data
+
+
+def _write_fetched(fd: int, frame: Frame, size: int, offsets: list[int]) -> None:
+    data = _decoded(frame, size)
     for offset in offsets:
         _write_all(fd, data, offset)
 

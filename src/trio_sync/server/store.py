@@ -10,6 +10,7 @@ per chunk, through an `Offload`), so the event loop never waits on the disk.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import sqlite3
@@ -21,7 +22,7 @@ from typing import Any, Protocol
 
 import trio
 
-from ..core.durable import fsync_dir
+from ..core.durable import fsync_dir, unlink_quietly
 from ..core.hashing import content_hash, hash_bytes
 from ..core.offload import Offload
 from ..errors import Conflict, StoreError
@@ -396,9 +397,11 @@ class DiskBlobStore:
     """
 
     def __init__(self, root: Path, tmp: Path, *, offload: Offload) -> None:
-        self._root = root
-        self._tmp = tmp
+        # Plain strings: a path object per chunk costs more than the chunk's syscalls.
+        self._root = os.fspath(root)
+        self._tmp = os.fspath(tmp)
         self._offload = offload
+        self._names = itertools.count()  # temp file names, unique within the process
 
     @classmethod
     def open(cls, data_dir: Path, *, offload: Offload) -> DiskBlobStore:
@@ -409,9 +412,9 @@ class DiskBlobStore:
             leftover.unlink(missing_ok=True)
         return cls(root, tmp, offload=offload)
 
-    def _path(self, hash: str) -> Path:
+    def _path(self, hash: str) -> str:
         check_hash(hash)
-        return self._root / hash[:2] / hash[2:4] / hash
+        return f"{self._root}/{hash[:2]}/{hash[2:4]}/{hash}"
 
     async def missing(self, hashes: Iterable[str]) -> list[str]:
         paths = [(h, self._path(h)) for h in hashes]
@@ -445,8 +448,8 @@ class DiskBlobStore:
             for hash in hashes:
                 path = self._path(hash)
                 with contextlib.suppress(FileNotFoundError):
-                    if path.stat().st_mtime < idle_since:
-                        path.unlink()
+                    if os.stat(path).st_mtime < idle_since:
+                        os.unlink(path)
                         gone += 1
             return gone
 
@@ -461,17 +464,26 @@ class DiskBlobStore:
             raise StoreError(f"chunk size must be 1..{MAX_CHUNK_SIZE} bytes")
         if hash_bytes(data) != hash:
             raise StoreError("chunk content does not match its hash")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._tmp / f"{hash}.{uuid.uuid4().hex}.part"
+        folder = os.path.dirname(final)
+        tmp = f"{self._tmp}/{hash}.{next(self._names)}.part"
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
-        fsync_dir(final.parent)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.replace(tmp, final)
+            except FileNotFoundError:  # the chunk's folder does not exist yet
+                os.makedirs(folder, exist_ok=True)
+                os.replace(tmp, final)
+        except BaseException:
+            unlink_quietly(tmp)
+            raise
+        fsync_dir(folder)
 
     async def put(self, hash: str, data: bytes) -> None:
         # Not cancellable mid-write: the temp file is removed by _put itself either way.
@@ -479,7 +491,8 @@ class DiskBlobStore:
 
     def _get(self, hash: str) -> bytes | None:
         try:
-            return self._path(hash).read_bytes()
+            with open(self._path(hash), "rb") as f:
+                return f.read()
         except FileNotFoundError:
             return None
 
