@@ -8,6 +8,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from contextlib import aclosing, asynccontextmanager
 from typing import Any, NoReturn, TypeVar, cast
 
+import httpcore
 import httpx
 
 from ..errors import (
@@ -30,6 +31,11 @@ from ..protocol.models import (
 from ..protocol.sse import ServerSentEvent, SSEParser
 
 CLIENT_HEADER = "X-Trio-Sync-Client"
+#: httpcore reads a response 64 KiB at a time and each read costs a trip through h11; chunk
+#: downloads are megabytes. A class attribute, not a setting: without it this is a no-op.
+READ_SIZE = 2**20
+if isinstance(getattr(httpcore.AsyncHTTP11Connection, "READ_NUM_BYTES", None), int):
+    httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = READ_SIZE
 #: Small chunk frames in an upload are joined into writes of about this many bytes.
 WRITE_SIZE = 256 * 1024
 T = TypeVar("T")

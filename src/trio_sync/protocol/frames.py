@@ -8,6 +8,7 @@ stream can be read with curl; payloads are bounded, so a parser never buffers mo
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -35,36 +36,64 @@ def frame_header(hash: str, encoding: str, length: int) -> bytes:
 
 
 class FrameParser:
-    """Incremental: feed bytes as they arrive, get whole frames back."""
+    """Incremental: feed bytes as they arrive, get whole frames back.
+
+    Pieces are kept as they came and joined once per payload, so each byte is copied once.
+    """
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._pieces: deque[memoryview] = deque()
+        self._size = 0
         self._header: tuple[str, str, int] | None = None
 
     def feed(self, data: bytes) -> Iterator[Frame]:
-        self._buf += data
+        if data:
+            self._pieces.append(memoryview(data))
+            self._size += len(data)
         while True:
             if self._header is None:
-                end = self._buf.find(b"\n", 0, MAX_HEADER + 1)
+                head = self._peek(MAX_HEADER + 1)
+                end = head.find(b"\n")
                 if end < 0:
-                    if len(self._buf) > MAX_HEADER:
+                    if len(head) > MAX_HEADER:
                         raise ProtocolError("chunk frame header too long")
                     return
-                self._header = _parse_header(bytes(self._buf[:end]))
-                del self._buf[: end + 1]
+                self._header = _parse_header(head[:end])
+                self._take(end + 1)
             hash, encoding, length = self._header
-            if len(self._buf) < length:
+            if self._size < length:
                 return
-            with memoryview(self._buf) as view:
-                payload = bytes(view[:length])  # one copy; slicing the bytearray would make two
-            del self._buf[:length]
+            payload = self._take(length)
             self._header = None
             yield Frame(hash, encoding, payload)
 
     def close(self) -> None:
         """Call at the end of the stream: a frame cut short is an error."""
-        if self._header is not None or self._buf:
+        if self._header is not None or self._size:
             raise ProtocolError("chunk stream ended inside a frame")
+
+    def _peek(self, n: int) -> bytes:
+        out = bytearray()
+        for piece in self._pieces:
+            out += piece[: n - len(out)]
+            if len(out) >= n:
+                break
+        return bytes(out)
+
+    def _take(self, n: int) -> bytes:
+        parts = []
+        while n:
+            piece = self._pieces[0]
+            if len(piece) <= n:
+                parts.append(self._pieces.popleft())
+                n -= len(piece)
+                self._size -= len(piece)
+            else:
+                parts.append(piece[:n])
+                self._pieces[0] = piece[n:]
+                self._size -= n
+                n = 0
+        return b"".join(parts)
 
 
 def _parse_header(line: bytes) -> tuple[str, str, int]:
