@@ -335,10 +335,12 @@ class Engine:
         self.queue.mark_many(changed)
         # A folder moved or deleted is one event for the folder: look at everything under it.
         self.queue.mark_many(await self._walk(*changed))
-        for known in self.index.paths():
-            parts = known.split("/")
-            if any("/".join(parts[:i]) in changed for i in range(1, len(parts))):
-                self.queue.mark(known)
+        folders = {p for p in changed if (base := self.index.get(p)) is not None and base.is_dir}
+        if folders:  # the index is big; most batches name only files
+            for known in self.index.paths():
+                parts = known.split("/")
+                if any("/".join(parts[:i]) in folders for i in range(1, len(parts))):
+                    self.queue.mark(known)
 
     async def _housekeeping(self) -> None:
         while True:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import stat
@@ -134,6 +135,7 @@ class Transfer:
         self._budget = budget
         self._compress = compress
         self._umask = _umask()
+        self._names = itertools.count()
 
     async def _thread(self, fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> T:
         return await self._offload.run_sync(fn, *args)
@@ -230,7 +232,7 @@ class Transfer:
         work = (
             self.partial_dir / partial_name(entry.path, entry.hash)
             if resumable
-            else self.tmp_dir / f"{uuid.uuid4().hex}.part"
+            else self._temp_name()
         )
         sources = {c.hash: self.index.chunk_sources(c.hash) for c in entry.chunks}
         parked = self._parking.take(entry.hash)
@@ -286,7 +288,7 @@ class Transfer:
     ) -> StatKey:
         sizes = {c.hash: c.size for c in entry.chunks}
         chunks = {h: _decoded(frame, sizes[h]) for h, frame in frames.items()}
-        work = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        work = self._temp_name()
         try:
             fd = os.open(work, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
@@ -295,8 +297,13 @@ class Transfer:
             finally:
                 os.close(fd)
             return self._place(work, entry.path, expected)
-        finally:
+        except BaseException:
             unlink_quietly(work)
+            raise
+
+    def _temp_name(self) -> Path:
+        # The state folder's tmp/ is emptied at start and only this process writes there.
+        return self.tmp_dir / f"{next(self._names)}.part"
 
     async def _open_work(self, work: Path, parked: Path | None) -> int:
         """Open the file a download is built in; a parked copy of the content becomes it."""
@@ -400,11 +407,13 @@ class Transfer:
 
     def _place(self, tmp: Path, path: str, expected: LocalFile | None) -> StatKey:
         target = local_path(self.root, path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        local_path(self.root, path)  # re-check: mkdir must not have raced with a symlink
+        folder = os.path.dirname(target)
+        if not os.path.isdir(folder):
+            os.makedirs(folder, exist_ok=True)
+            local_path(self.root, path)  # re-check: mkdir must not have raced with a symlink
         _check_unchanged(target, expected, path)
         os.rename(tmp, target)
-        fsync_dir(target.parent)
+        fsync_dir(folder)
         return stat_key(os.lstat(target))
 
     async def delete_local(self, path: str, expected: LocalFile) -> None:
