@@ -223,6 +223,27 @@ async def test_a_copy_of_synced_content_is_not_uploaded_again(
     assert requests_between(before, after, "POST /chunks") == 0
 
 
+async def test_content_removed_a_moment_ago_is_not_sent_again(
+    start_client: Start, server: ServerHandle, tmp_path: Path
+) -> None:
+    # A folder moved out and back in (or a rename whose deletions are handled first): by the
+    # time the files come back, no synced file holds their content any more.
+    a, b = tmp_path / "a", tmp_path / "b"
+    for i in range(50):
+        write(a / f"old/f{i}.txt", data(4096, i))
+    await start_client("a")
+    await start_client("b")
+    await in_sync(a, b, timeout=30)
+    (a / "old").rename(tmp_path / "aside")
+    await in_sync(a, b, timeout=30)
+    before = await traffic(server)
+    (tmp_path / "aside").rename(a / "new")
+    await in_sync(a, b, timeout=30)
+    after = await traffic(server)
+    assert requests_between(before, after, "POST /chunks") == 0
+    assert after["bytes_in"] - before["bytes_in"] < 50 * 4096
+
+
 async def test_edits_inside_a_large_file_move_about_what_changed(
     start_client: Start, server: ServerHandle, tmp_path: Path
 ) -> None:

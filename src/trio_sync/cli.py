@@ -22,6 +22,7 @@ from .errors import (
     RemoteError,
     TrioSyncError,
 )
+from .memory import limit_allocator_arenas
 from .protocol.models import check_name
 from .server.serve import RunningServer, run_server
 
@@ -88,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    limit_allocator_arenas()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",

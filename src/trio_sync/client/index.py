@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,10 @@ from ..protocol.models import DIR, Chunk, FileEntry
 #: A stat cache entry recorded within this long of the file's mtime is "racy": a same-size write in
 #: the same timestamp tick would not show in the stat, so such an entry is re-hashed before trusted.
 RACY_WINDOW_NS = 2_000_000_000
+
+
+#: How many chunks of removed files `has_chunk` still remembers (about 4 MiB of memory).
+REMEMBER_GONE_CHUNKS = 20_000
 
 
 def is_racy(mtime_ns: int) -> bool:
@@ -111,6 +116,9 @@ class Index:
         self._meta = meta
         #: chunk hash -> {path: offset}: where each chunk was when its file was last synced.
         self._by_chunk: dict[str, dict[str, int]] = {}
+        #: Chunks no synced file holds any more, newest last: a rename is a deletion and a new
+        #: file, and the new file's content is still known (to the server, too) if it comes second.
+        self._gone: OrderedDict[str, None] = OrderedDict()
         for entry in entries.values():
             self._link_chunks(entry)
 
@@ -175,10 +183,14 @@ class Index:
                 places.pop(path, None)
                 if not places:
                     del self._by_chunk[chunk.hash]
+                    self._gone[chunk.hash] = None
+                    if len(self._gone) > REMEMBER_GONE_CHUNKS:
+                        self._gone.popitem(last=False)
 
     def has_chunk(self, hash: str) -> bool:
-        """Whether some synced file had this chunk (so the server has it, or had it)."""
-        return hash in self._by_chunk
+        """Whether a synced file has or recently had this chunk (so the server has it, or had
+        it)."""
+        return hash in self._by_chunk or hash in self._gone
 
     def chunk_sources(self, hash: str) -> list[tuple[str, int]]:
         """(path, offset) where a chunk with this hash was when those files were last synced.
@@ -194,6 +206,7 @@ class Index:
         await self._run("DELETE FROM base")
         self._entries.clear()
         self._by_chunk.clear()
+        self._gone.clear()
 
     def meta(self, key: str) -> str | None:
         return self._meta.get(key)

@@ -17,8 +17,8 @@ from fastcdc.fastcdc_cy import fastcdc_cy  # type: ignore[import-untyped]
 
 from ..protocol.models import CDC_AVG, CDC_MAX, CDC_MIN, Chunk
 
-#: Bytes read from disk at a time while chunking (memory per hashing thread: about twice this).
-READ_SIZE = 4 * 1024 * 1024
+#: Bytes read from disk at a time while chunking (memory per hashing thread: this plus CDC_MAX).
+READ_SIZE = 1024 * 1024
 
 
 def hash_bytes(data: bytes | bytearray | memoryview) -> str:
