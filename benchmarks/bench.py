@@ -35,6 +35,8 @@ from pathlib import Path
 from blake3 import blake3
 
 ROOT = Path(__file__).resolve().parent.parent
+# Where the hand-written analysis starts in docs/benchmarks.md; a new run keeps it.
+NOTES_MARKER = "## Notes on these figures"
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 
@@ -470,7 +472,10 @@ def write_report(out: Path, rows: list[Row], edits: list[Row], *, quick: bool) -
         *_table(edits),
         "",
     ]
-    out.write_text("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    if out.exists() and NOTES_MARKER in (old := out.read_text()):
+        text += "\n" + old[old.index(NOTES_MARKER) :]
+    out.write_text(text)
     print(f"wrote {out}")
 
 
