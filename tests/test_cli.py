@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -194,3 +195,35 @@ async def test_sigterm_ends_streams_and_drops_half_uploads(spawn: Spawn, tmp_pat
         nursery.cancel_scope.cancel()
     assert list((tmp_path / "data/tmp").iterdir()) == []
     assert not any((tmp_path / "data/chunks").rglob("a" * 64))
+
+
+async def test_server_refuses_a_store_chunked_another_way(spawn: Spawn, tmp_path: Path) -> None:
+    proc, url, token = await start_server(spawn, tmp_path / "data")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir/notes.txt").write_text("notes")
+    result = await run("client", str(tmp_path / "dir"), "--server", url, "--token", token, "--once")
+    assert result.returncode == 0, result.stderr.decode()
+    assert await proc.terminate() == 0
+    again, _, _ = await start_server(spawn, tmp_path / "data")  # the same chunker: fine
+    assert await again.terminate() == 0
+
+    # As a store from before the chunker was recorded looks: files, and no `chunker` key.
+    with sqlite3.connect(tmp_path / "data/index.db") as db:
+        db.execute("DELETE FROM meta WHERE key = 'chunker'")
+    db.close()
+    refused = await run("server", "--data-dir", str(tmp_path / "data"), "--port", "0")
+    assert refused.returncode == 1
+    assert b"cannot start the server" in refused.stderr
+    assert b"chunked as 'fastcdc-2016/256K-1M-4M/blake3'" in refused.stderr
+    assert b"Traceback" not in refused.stderr
+
+
+async def test_server_on_a_port_in_use_says_so(tmp_path: Path) -> None:
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = str(sock.getsockname()[1])
+        result = await run("server", "--data-dir", str(tmp_path / "data"), "--port", port)
+    assert result.returncode == 1
+    assert b"cannot start the server" in result.stderr
+    assert b"Traceback" not in result.stderr

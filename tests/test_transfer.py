@@ -75,6 +75,19 @@ def test_streamed_chunking_cuts_like_the_whole_buffer(tmp_path: Path, size: int)
     assert all(CDC_MIN <= c.size <= CDC_MAX for c in digest.chunks[:-1])
 
 
+def test_streamed_chunking_cuts_runs_of_zeros_like_the_whole_buffer(tmp_path: Path) -> None:
+    # Zeros never match the cut mask: those chunks are cut at CDC_MAX, not by content.
+    content = bytes(5 * CDC_MAX) + data(3 * MiB, 7) + bytes(CDC_MAX + 1)
+    write(tmp_path / "f", content)
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        digest = chunk_file(fd)
+    finally:
+        os.close(fd)
+    assert list(digest.chunks) == chunks_of(content)
+    assert sum(c.size == CDC_MAX for c in digest.chunks) >= 6
+
+
 def test_an_insert_at_the_start_changes_only_the_first_chunk() -> None:
     content = data(20 * MiB, 1)
     before, after = chunks_of(content), chunks_of(b"!" + content)

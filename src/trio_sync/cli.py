@@ -20,6 +20,7 @@ from .errors import (
     FolderInUse,
     ProtocolError,
     RemoteError,
+    StoreError,
     TrioSyncError,
 )
 from .memory import limit_allocator_arenas
@@ -140,6 +141,7 @@ async def _until_signal(cancel_scope: trio.CancelScope, stop: trio.Event | None 
 
 async def _server_main(config: ServerConfig) -> int:
     stop = trio.Event()
+    code = EXIT_OK
     async with trio.open_nursery() as outer:
         outer.start_soon(_until_signal, outer.cancel_scope, stop)
         try:
@@ -154,12 +156,13 @@ async def _server_main(config: ServerConfig) -> int:
                     f" --token {running.token}",
                     flush=True,
                 )
-        except OSError as e:
-            log.error("cannot start the server: %s", e)
-            return EXIT_OUT_OF_SYNC
+        except* (OSError, StoreError) as group:  # the nursery wraps what failed in a group
+            for e in group.exceptions:
+                log.error("cannot start the server: %s", e)
+            code = EXIT_OUT_OF_SYNC
         finally:
             outer.cancel_scope.cancel()
-    return EXIT_OK
+    return code
 
 
 async def _client_main(config: ClientConfig, once: bool) -> int:

@@ -39,7 +39,7 @@ T = TypeVar("T")
 
 #: Chunks of one file in flight at once, within the byte budget: enough to fill a batch
 #: (BATCH_BYTES) while the previous one is on the wire.
-CHUNKS_IN_FLIGHT = 16
+CHUNKS_IN_FLIGHT = 32
 #: Downloads at least this big keep their partial file in the state folder across restarts.
 RESUME_MIN_SIZE = 8 * 1024 * 1024
 #: A file up to this size whose content the folder does not have is fetched whole into memory

@@ -43,13 +43,14 @@ class FileDigest:
 def cut(data: bytes | memoryview, *, final: bool) -> list[tuple[int, int]]:
     """(offset, length) of the chunks at the start of *data*.
 
-    A cut point depends only on the CDC_MAX bytes after the chunk's start, so unless *data* runs
-    to the end of the file (*final*), chunks are only returned while that much data follows.
+    A cut point depends only on the bytes from the chunk's start up to the cut. Unless *data* runs
+    to the end of the file (*final*), its last chunk may have been cut only because the data ran
+    out, so it is left for the caller to cut again with more data behind it.
     """
     out: list[tuple[int, int]] = []
     total = len(data)
     for c in fastcdc_cy(data, min_size=CDC_MIN, avg_size=CDC_AVG, max_size=CDC_MAX):
-        if not final and total - c.offset < CDC_MAX:
+        if not final and c.offset + c.length == total and c.length < CDC_MAX:
             break
         out.append((c.offset, c.length))
     return out
@@ -59,8 +60,8 @@ def chunk_file(fd: int) -> FileDigest:
     """Chunk and hash an open file from its start (memory: one buffer, whatever the file size)."""
     chunks: list[Chunk] = []
     full_size = READ_SIZE + CDC_MAX
-    # Small files get a small buffer: most files in a tree are small, and zeroing 12 MiB per
-    # file would cost more than hashing it.
+    # Small files get a small buffer: most files in a tree are small, and zeroing a full buffer
+    # per file would cost more than hashing it.
     buf = bytearray(min(full_size, os.fstat(fd).st_size + 1))
     view = memoryview(buf)
     filled = 0  # bytes of buf holding data
@@ -79,7 +80,7 @@ def chunk_file(fd: int) -> FileDigest:
         for offset, length in cut(view[:filled], final=final):
             chunks.append(Chunk(hash_bytes(view[offset : offset + length]), length))
             used = offset + length
-        # Keep the undecided tail (less than CDC_MAX bytes) at the front of the buffer.
+        # Keep the undecided tail (one chunk, less than CDC_MAX bytes) at the front of the buffer.
         view[: filled - used] = view[used:filled]
         filled -= used
         position += used

@@ -17,11 +17,11 @@ from .paths import check_path
 #: Content-defined chunking (FastCDC, as implemented by the `fastcdc` package, whose gear table
 #: is part of this contract): chunk sizes lie between CDC_MIN and CDC_MAX, about CDC_AVG on average.
 #: Every client must cut the same content the same way, or equal files would get different hashes.
-CDC_MIN = 256 * 1024
-CDC_AVG = 1024 * 1024
-CDC_MAX = 4 * 1024 * 1024
+CDC_MIN = 128 * 1024
+CDC_AVG = 512 * 1024
+CDC_MAX = 2 * 1024 * 1024
 #: Named in `GET /info`; a client refuses a server that announces another.
-CHUNKER = "fastcdc-2016/256K-1M-4M/blake3"
+CHUNKER = "fastcdc-2016/128K-512K-2M/blake3"
 #: The largest chunk the server accepts.
 MAX_CHUNK_SIZE = 16 * 1024 * 1024
 #: The most chunk hashes one `POST /chunks/missing` may ask about.

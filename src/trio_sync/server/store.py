@@ -26,7 +26,16 @@ from ..core.durable import fsync_dir, unlink_quietly
 from ..core.hashing import content_hash, hash_bytes
 from ..core.offload import Offload
 from ..errors import Conflict, StoreError
-from ..protocol.models import DIR, FILE, MAX_CHUNK_SIZE, Chunk, CommitRequest, FileEntry, check_hash
+from ..protocol.models import (
+    CHUNKER,
+    DIR,
+    FILE,
+    MAX_CHUNK_SIZE,
+    Chunk,
+    CommitRequest,
+    FileEntry,
+    check_hash,
+)
 
 #: What one commit of a batch came to: (entry, created_new_revision), or why it was refused.
 CommitResult = tuple[FileEntry, bool] | Conflict | StoreError
@@ -150,6 +159,7 @@ class SQLiteMetaStore:
             )
             if conn.execute("SELECT 1 FROM meta WHERE key = 'chunk_refs'").fetchone() is None:
                 _fill_chunk_refs(conn)  # a store from before garbage collection existed
+            _check_chunker(conn)
             return conn
 
         return cls(await trio.to_thread.run_sync(_open))
@@ -376,6 +386,28 @@ class SQLiteMetaStore:
 
     async def aclose(self) -> None:
         await self._run(self._conn.close)
+
+
+#: The chunker of stores that predate the `chunker` key in `meta`.
+_FIRST_CHUNKER = "fastcdc-2016/256K-1M-4M/blake3"
+
+
+def _check_chunker(conn: sqlite3.Connection) -> None:
+    """Refuse a store whose files were cut by another chunker: today's clients would hash the same
+    content differently and take every such file for a different one."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'chunker'").fetchone()
+    if row is None:
+        used = conn.execute("SELECT 1 FROM versions WHERE chunks != '[]' LIMIT 1").fetchone()
+        stored = _FIRST_CHUNKER if used else CHUNKER
+        conn.execute("INSERT INTO meta (key, value) VALUES ('chunker', ?)", (stored,))
+    else:
+        stored = row[0]
+    if stored != CHUNKER:
+        raise StoreError(
+            f"this data folder holds files chunked as {stored!r}; this version of trio-sync"
+            f" chunks as {CHUNKER!r}. Run the version that made it, or start a new data folder"
+            " and let the clients upload again."
+        )
 
 
 def _fill_chunk_refs(conn: sqlite3.Connection) -> None:
