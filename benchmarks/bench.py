@@ -294,10 +294,10 @@ class Rsync:
         self.url = f"rsync://127.0.0.1:{port}/bench/"
         wait_for(lambda: _listening(port), 10, "rsync daemon")
 
-    def send(self, source: Path) -> tuple[float, int]:
+    def send(self, source: Path, *flags: str) -> tuple[float, int]:
         start = time.perf_counter()
         done = subprocess.run(
-            ["rsync", "-a", "--delete", "--stats", f"{source}/", self.url],
+            ["rsync", "-a", "--delete", "--stats", *flags, f"{source}/", self.url],
             check=True, capture_output=True, text=True,
         )  # fmt: skip
         elapsed = time.perf_counter() - start
@@ -339,6 +339,10 @@ def measure_workload(workload: Workload) -> tuple[Result, Result | None]:
             try:
                 seconds, wire = rsync.send(staging)
                 peer = {"seconds": seconds, "bytes": wire}
+                # Context, not the target's peer: the same copy made as durable as ours.
+                shutil.rmtree(rsync.dest)
+                rsync.dest.mkdir()
+                peer["fsync_seconds"], _ = rsync.send(staging, "--fsync")
             finally:
                 rsync.close()
             shutil.rmtree(rsync.dest)
@@ -411,17 +415,19 @@ def _ratio(ours: float, peer: float | None) -> str:
 
 def _table(rows: list[Row]) -> list[str]:
     lines = [
-        "| workload | trio-sync A→B | rsync (1 hop) | time ratio | A→server | server→B"
-        " | rsync (1 hop) | upload hop / rsync | peak RSS server | A | B |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| workload | trio-sync A→B | rsync (1 hop) | time ratio | rsync --fsync | A→server"
+        " | server→B | rsync (1 hop) | upload hop / rsync | peak RSS server | A | B |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, ours, peer in rows:
         peer_seconds = peer["seconds"] if peer else None
         peer_bytes = peer["bytes"] if peer else None
+        fsync_seconds = peer.get("fsync_seconds") if peer else None
         lines.append(
             f"| {name} | {ours['seconds']:.2f} s"
             f" | {f'{peer_seconds:.2f} s' if peer_seconds else 'n/a'}"
             f" | {_ratio(ours['seconds'], peer_seconds)}"
+            f" | {f'{fsync_seconds:.2f} s' if fsync_seconds else '-'}"
             f" | {_mib(ours['up'])} | {_mib(ours['down'])}"
             f" | {_mib(peer_bytes) if peer_bytes else 'n/a'}"
             f" | {_ratio(ours['up'], peer_bytes)}"
@@ -456,6 +462,8 @@ def write_report(out: Path, rows: list[Row], edits: list[Row], *, quick: bool) -
         " edits, rsync first copies the same starting tree (untimed), then each edit is applied"
         " to its source and sent again. Install it with `apt-get install rsync`; without it the"
         " peer columns say n/a.",
+        "- `rsync --fsync` is context, not the targets' peer: the same one-hop copy into an empty"
+        " folder again, with every written file fsynced as ours are (workloads only).",
         "- Peak RSS is each process's `VmHWM` from `/proc/PID/status`; for the edits it covers"
         " the whole session (initial sync of the tree and all four edits).",
         f"- Machine: {os.cpu_count()} cores, Python {platform.python_version()},"
