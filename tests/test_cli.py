@@ -227,3 +227,19 @@ async def test_server_on_a_port_in_use_says_so(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert b"cannot start the server" in result.stderr
     assert b"Traceback" not in result.stderr
+
+
+async def test_a_second_server_on_the_same_data_folder_is_refused(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    first, url, token = await start_server(spawn, tmp_path / "data")
+    second = await run("server", "--data-dir", str(tmp_path / "data"), "--port", "0")
+    assert second.returncode == 1
+    assert b"another trio-sync server is using" in second.stderr
+    assert b"Traceback" not in second.stderr
+    async with httpx.AsyncClient() as http:  # the first one serves on, untouched
+        response = await http.get(f"{url}/info", headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 200
+    assert await first.terminate() == 0
+    again, _, _ = await start_server(spawn, tmp_path / "data")  # the lock went with it
+    assert await again.terminate() == 0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -14,6 +16,7 @@ from hypercorn.trio import tcp_server as hypercorn_tcp_server
 
 from ..config import ServerConfig
 from ..core.offload import Offload
+from ..errors import StoreError
 from .app import create_app
 from .auth import load_or_create_token
 from .gc import run_periodically
@@ -52,14 +55,31 @@ async def run_server(
     """Serve until *stop* is set; then end event streams and give requests a short grace period."""
     _read_more_per_call()
     data_dir = config.data_dir
-    await trio.to_thread.run_sync(partial(data_dir.mkdir, parents=True, exist_ok=True, mode=0o700))
-    if config.token:
-        token, created = config.token, False
-    else:
-        token, created = await trio.to_thread.run_sync(load_or_create_token, data_dir)
-    io = Offload(4)  # chunk files and their (de)compression
-    async with io.running():
-        await _serve(config, data_dir, token, created, io, stop, task_status)
+    lock = await trio.to_thread.run_sync(_lock_data_dir, data_dir)
+    # No checkpoint between taking the lock and the try: the lock must not leak.
+    try:
+        if config.token:
+            token, created = config.token, False
+        else:
+            token, created = await trio.to_thread.run_sync(load_or_create_token, data_dir)
+        io = Offload(4)  # chunk files and their (de)compression
+        async with io.running():
+            await _serve(config, data_dir, token, created, io, stop, task_status)
+    finally:
+        os.close(lock)  # releases the flock
+
+
+def _lock_data_dir(data_dir: Path) -> int:
+    """Hold the data folder for this process: a second server would empty its temp folder under
+    the first one's writes and keep its own view of the database."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock = os.open(data_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        raise StoreError(f"another trio-sync server is using {data_dir}") from None
+    return lock
 
 
 async def _serve(
