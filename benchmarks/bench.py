@@ -252,6 +252,7 @@ class Ours:
     def sync(self, change: Callable[[], None]) -> Result:
         """Apply *change* in A; seconds until B matches A, and the bytes each way meanwhile."""
         in_before, out_before = self.wire_bytes()
+        os.sync()
         start = time.perf_counter()
         change()
         expected = tree_stats(self.a)
@@ -295,6 +296,7 @@ class Rsync:
         wait_for(lambda: _listening(port), 10, "rsync daemon")
 
     def send(self, source: Path, *flags: str) -> tuple[float, int]:
+        os.sync()  # no run pays for writing back what an earlier step left in the page cache
         start = time.perf_counter()
         done = subprocess.run(
             ["rsync", "-a", "--delete", "--stats", *flags, f"{source}/", self.url],
@@ -452,7 +454,8 @@ def write_report(out: Path, rows: list[Row], edits: list[Row], *, quick: bool) -
         " the same filesystem and renamed into A in one step. Time runs from that rename (or from"
         " the edit) until every file in B has A's size and mtime (polled every 20 ms, less often"
         " on big trees so that polling takes at most a quarter of one core); contents"
-        " are compared by hash afterwards, untimed.",
+        " are compared by hash afterwards, untimed. Every timed run starts after `sync(2)`, so"
+        " that none pays for writing back data an earlier step left in the page cache.",
         "- Our trip is two hops (A → server → B), with fsync on the server and on B.",
         "- Bytes on the wire (ours): HTTP body bytes both ways as counted by the server"
         " (`GET /info` traffic: uploads, downloads, listings, events; HTTP headers not counted)."
