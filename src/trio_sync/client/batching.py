@@ -26,9 +26,9 @@ R = TypeVar("R")
 #: Payload bytes per `POST /chunks` or `POST /chunks/fetch` (the server accepts up to 17 MiB).
 BATCH_BYTES = 8 * 1024 * 1024
 #: A batch waits for more calls while they keep arriving (each within GATHER_STEP seconds of
-#: the last), for up to GATHER_STEPS steps, unless it is full. Files are processed at a few
-#: hundred per second, so a tree of small files becomes batches of hundreds; a lone change waits
-#: one step.
+#: the last), for up to GATHER_STEPS steps, unless it is full. Small files are processed at
+#: several hundred a second, so a tree of them becomes batches of dozens (about 65 files per
+#: request for 10,000 files, docs/benchmarks.md); a lone change waits one step.
 GATHER_STEP = 0.005
 GATHER_STEPS = 10
 
