@@ -154,16 +154,15 @@ class Transfer:
             missing = set(unique)
         else:
             missing = await self.batches.missing(unique) if unique else set()
-        full = local_path(self.root, local.path)
         if missing:
-            fd = await self._thread(os.open, full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = await self._thread(self._open_to_read, local.path)
             try:
                 await self._send_chunks(fd, local, missing)
             finally:
                 os.close(fd)
         # The server checked every chunk against its hash; make sure the file is still what we
         # hashed, so the commit does not mix old chunks it already had with new ones.
-        if await self._thread(_stat_or_none, full) != local.stat:
+        if await self._thread(self._stat_now, local.path) != local.stat:
             raise LocalChanged(f"{local.path}: changed during upload")
         entry = await self.batches.commit(
             CommitRequest(
@@ -202,6 +201,16 @@ class Transfer:
         finally:
             self._budget.release(chunk.size)
             in_flight.release()
+
+    # local_path lstats each parent folder: it runs in a thread, like any other disk access.
+    def _open_to_read(self, path: str) -> int:
+        return os.open(local_path(self.root, path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+    def _stat_now(self, path: str) -> StatKey | None:
+        return _stat_or_none(local_path(self.root, path))
+
+    def _unlink(self, path: str) -> None:
+        os.unlink(local_path(self.root, path))
 
     def _read_frame(self, fd: int, chunk: Chunk, offset: int) -> Frame:
         data = os.pread(fd, chunk.size, offset)
@@ -428,7 +437,7 @@ class Transfer:
             if replaced is not None:
                 await self._thread(unlink_quietly, replaced)
             if linked:
-                await self._thread(os.unlink, local_path(self.root, path))
+                await self._thread(self._unlink, path)
         await self.index.remove(path)
 
     def _delete_dir(self, path: str, expected: LocalFile) -> None:
