@@ -27,7 +27,7 @@ from trio_sync.config import ClientConfig
 from trio_sync.core.compression import pack, unpack
 from trio_sync.core.hashing import chunk_file, content_hash, cut, hash_bytes
 from trio_sync.core.offload import Offload
-from trio_sync.errors import IncompatibleServer, ProtocolError
+from trio_sync.errors import IncompatibleServer, ProtocolError, StoreError
 from trio_sync.protocol.frames import RAW, ZSTD, Frame, FrameParser, frame_header
 from trio_sync.protocol.models import CDC_MAX, CDC_MIN, MAX_CHUNK_SIZE, Chunk, CommitRequest
 from trio_sync.protocol.paths import STATE_DIR_NAME
@@ -393,6 +393,40 @@ async def test_a_client_refuses_a_server_that_chunks_differently(
     engine = Engine(client_config("c", server_url=f"http://127.0.0.1:{port}"))
     with pytest.raises(IncompatibleServer):
         await engine.sync_once()
+
+
+# -- chunk store --------------------------------------------------------------------------------
+
+
+def files_below(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir()}
+
+
+async def test_chunks_stored_in_the_older_two_level_layout_are_moved_and_served(
+    tmp_path: Path,
+) -> None:
+    contents = [b"kept from before", b"also from before"]
+    hashes = [hash_bytes(c) for c in contents]
+    for hash, content in zip(hashes, contents, strict=True):
+        old = tmp_path / "chunks" / hash[:2] / hash[2:4] / hash
+        old.parent.mkdir(parents=True)
+        old.write_bytes(content)
+    io = Offload(1)
+    blobs = DiskBlobStore.open(tmp_path, offload=io)
+    async with io.running():
+        assert await blobs.missing(hashes) == []
+        assert [await blobs.get(h) for h in hashes] == contents
+        new = b"stored after the move"
+        await blobs.put(hash_bytes(new), new)
+        assert await blobs.get(hash_bytes(new)) == new
+    flat = {f"{h[:2]}/{h}" for h in [*hashes, hash_bytes(new)]}
+    assert files_below(tmp_path / "chunks") == flat
+    DiskBlobStore.open(tmp_path, offload=io)
+    assert files_below(tmp_path / "chunks") == flat
+
+    (tmp_path / "chunk-layout").write_text("some/future/layout\n")
+    with pytest.raises(StoreError, match="laid out as"):
+        DiskBlobStore.open(tmp_path, offload=io)
 
 
 # -- garbage collection -----------------------------------------------------------------------

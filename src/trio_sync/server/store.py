@@ -421,8 +421,16 @@ def _fill_chunk_refs(conn: sqlite3.Connection) -> None:
     conn.execute("COMMIT")
 
 
+#: How DiskBlobStore names chunk files below `chunks/`, as recorded in `chunk-layout`.
+LAYOUT = "ab/<hash>\n"
+
+
 class DiskBlobStore:
-    """Chunks as files named by their hash under `root/ab/cd/<hash>`.
+    """Chunks as files named by their hash under `root/ab/<hash>`.
+
+    One level of 256 folders: a store fills them all within its first few thousand chunks and
+    then only adds files. Two levels (65,536 folders, the layout before) made nearly every chunk
+    of a new store create a folder, which cost the server about a third of its system time.
 
     A chunk lands in `tmp/`, is fsynced, and is renamed into place only after its hash checks out,
     so a crash leaves either no chunk or a whole, correct one.
@@ -442,11 +450,23 @@ class DiskBlobStore:
         tmp.mkdir(parents=True, exist_ok=True)
         for leftover in tmp.iterdir():  # from a crash or a kill -9: never complete chunks
             leftover.unlink(missing_ok=True)
+        layout = data_dir / "chunk-layout"
+        if not layout.exists():
+            _flatten_two_levels(root)
+            written = data_dir / "chunk-layout.part"
+            with open(written, "w") as f:
+                f.write(LAYOUT)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(written, layout)
+            fsync_dir(data_dir)
+        elif (found := layout.read_text()) != LAYOUT:
+            raise StoreError(f"{root} holds chunks laid out as {found.strip()!r}, not {LAYOUT!r}")
         return cls(root, tmp, offload=offload)
 
     def _path(self, hash: str) -> str:
         check_hash(hash)
-        return f"{self._root}/{hash[:2]}/{hash[2:4]}/{hash}"
+        return f"{self._root}/{hash[:2]}/{hash}"
 
     async def missing(self, hashes: Iterable[str]) -> list[str]:
         paths = [(h, self._path(h)) for h in hashes]
@@ -510,7 +530,9 @@ class DiskBlobStore:
             try:
                 os.replace(tmp, final)
             except FileNotFoundError:  # the chunk's folder does not exist yet
-                os.makedirs(folder, exist_ok=True)
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(folder)
+                fsync_dir(self._root)  # the new folder must survive a crash with its chunk
                 os.replace(tmp, final)
         except BaseException:
             unlink_quietly(tmp)
@@ -530,6 +552,25 @@ class DiskBlobStore:
 
     async def get(self, hash: str) -> bytes | None:
         return await self._offload.run_sync(self._get, hash)
+
+
+def _flatten_two_levels(root: Path) -> None:
+    """Move chunks from the older `ab/cd/<hash>` layout to `ab/<hash>`. A crash midway leaves
+    every chunk under one name or the other, and the next start (with no `chunk-layout` file
+    yet) finishes the move."""
+    for top in os.scandir(root):
+        if not top.is_dir(follow_symlinks=False):
+            continue
+        moved = False
+        for sub in os.scandir(top.path):
+            if not sub.is_dir(follow_symlinks=False):
+                continue
+            for chunk in os.scandir(sub.path):
+                os.replace(chunk.path, os.path.join(top.path, chunk.name))
+                moved = True
+            os.rmdir(sub.path)
+        if moved:
+            fsync_dir(top.path)
 
 
 def _same(entry: FileEntry, req: CommitRequest) -> bool:
