@@ -485,7 +485,7 @@ def write_report(out: Path, rows: list[Row], edits: list[Row], *, quick: bool) -
     ]
     text = "\n".join(lines) + "\n"
     if out.exists() and NOTES_MARKER in (old := out.read_text()):
-        text += "\n" + old[old.index(NOTES_MARKER) :]
+        text += old[old.index(NOTES_MARKER) :]
     out.write_text(text)
     print(f"wrote {out}")
 
