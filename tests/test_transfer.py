@@ -25,7 +25,7 @@ from trio_sync.client.engine import Engine
 from trio_sync.client.transfer import PARTIAL_DIR, partial_name
 from trio_sync.config import ClientConfig
 from trio_sync.core.compression import pack, unpack
-from trio_sync.core.hashing import chunk_file, content_hash, cut, hash_bytes
+from trio_sync.core.hashing import FileDigest, chunk_file, content_hash, cut, hash_bytes
 from trio_sync.core.offload import Offload
 from trio_sync.errors import IncompatibleServer, ProtocolError, StoreError
 from trio_sync.protocol.frames import RAW, ZSTD, Frame, FrameParser, frame_header
@@ -60,15 +60,20 @@ def chunks_of(content: bytes) -> list[Chunk]:
 # -- chunking ---------------------------------------------------------------------------------
 
 
+def digest_of(path: Path, content: bytes) -> FileDigest:
+    """Write *content* to *path* and chunk it as the scanner does."""
+    write(path, content)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return chunk_file(fd)
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("size", [0, 1, CDC_MIN - 1, CDC_MIN + 1, 9 * MiB + 7, 21 * MiB])
 def test_streamed_chunking_cuts_like_the_whole_buffer(tmp_path: Path, size: int) -> None:
     content = data(size, size)
-    write(tmp_path / "f", content)
-    fd = os.open(tmp_path / "f", os.O_RDONLY)
-    try:
-        digest = chunk_file(fd)
-    finally:
-        os.close(fd)
+    digest = digest_of(tmp_path / "f", content)
     assert list(digest.chunks) == chunks_of(content)
     assert digest.size == size
     assert digest.hash == content_hash(digest.chunks)
@@ -78,12 +83,7 @@ def test_streamed_chunking_cuts_like_the_whole_buffer(tmp_path: Path, size: int)
 def test_streamed_chunking_cuts_runs_of_zeros_like_the_whole_buffer(tmp_path: Path) -> None:
     # Zeros never match the cut mask: those chunks are cut at CDC_MAX, not by content.
     content = bytes(5 * CDC_MAX) + data(3 * MiB, 7) + bytes(CDC_MAX + 1)
-    write(tmp_path / "f", content)
-    fd = os.open(tmp_path / "f", os.O_RDONLY)
-    try:
-        digest = chunk_file(fd)
-    finally:
-        os.close(fd)
+    digest = digest_of(tmp_path / "f", content)
     assert list(digest.chunks) == chunks_of(content)
     assert sum(c.size == CDC_MAX for c in digest.chunks) >= 6
 

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import trio
 
-from ..core.durable import fsync_dir, unlink_quietly
+from ..core.durable import fsync_dir, unlink_quietly, write_durably
 from ..core.hashing import content_hash, hash_bytes
 from ..core.offload import Offload
 from ..errors import Conflict, StoreError
@@ -453,13 +453,7 @@ class DiskBlobStore:
         layout = data_dir / "chunk-layout"
         if not layout.exists():
             _flatten_two_levels(root)
-            written = data_dir / "chunk-layout.part"
-            with open(written, "w") as f:
-                f.write(LAYOUT)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(written, layout)
-            fsync_dir(data_dir)
+            write_durably(layout, LAYOUT)
         elif (found := layout.read_text()) != LAYOUT:
             raise StoreError(f"{root} holds chunks laid out as {found.strip()!r}, not {LAYOUT!r}")
         return cls(root, tmp, offload=offload)
