@@ -10,6 +10,7 @@ import os
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,26 @@ def test_a_compressed_chunk_cannot_expand_past_the_limit() -> None:
         unpack(ZSTD, bomb, MAX_CHUNK_SIZE)
     with pytest.raises(ProtocolError):
         unpack(ZSTD, b"not zstd at all", MAX_CHUNK_SIZE)
+
+
+def test_compression_contexts_serve_many_threads_and_survive_bad_input() -> None:
+    # Each thread reuses its own zstd contexts; a corrupt or oversized chunk must not leave the
+    # thread's decompressor unusable for the next one.
+    def round_trips(seed: int) -> bool:
+        for i in range(40):
+            text = f"line {seed} {i}\n".encode() * (500 + 50 * i)
+            encoding, payload = pack(text)
+            assert encoding == ZSTD
+            if unpack(encoding, payload, len(text)) != text:
+                return False
+            with pytest.raises(ProtocolError):
+                unpack(ZSTD, payload[: len(payload) // 2], len(text))
+            with pytest.raises(ProtocolError):
+                unpack(ZSTD, payload, len(text) - 1)
+        return True
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert all(pool.map(round_trips, range(8)))
 
 
 # -- the wire ---------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ archives) costs a small probe instead of a full compression pass. Blocking; run 
 
 from __future__ import annotations
 
+import threading
+
 import zstandard
 
 from ..errors import ProtocolError
@@ -19,12 +21,32 @@ MIN_SAVING = 0.05
 #: Chunks below this size are never worth a frame of their own.
 MIN_SIZE = 256
 
+# A zstd context costs more to make than a small chunk costs to compress, and one context must
+# not be used by two threads at once: each thread keeps its own.
+_contexts = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    try:
+        return _contexts.compressor  # type: ignore[no-any-return]
+    except AttributeError:
+        _contexts.compressor = zstandard.ZstdCompressor(level=LEVEL)
+        return _contexts.compressor  # type: ignore[no-any-return]
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    try:
+        return _contexts.decompressor  # type: ignore[no-any-return]
+    except AttributeError:
+        _contexts.decompressor = zstandard.ZstdDecompressor()
+        return _contexts.decompressor  # type: ignore[no-any-return]
+
 
 def pack(data: bytes) -> tuple[str, bytes]:
     """(encoding, payload) for *data*: zstd when that is clearly smaller, else raw."""
     if len(data) < MIN_SIZE:
         return RAW, data
-    compressor = zstandard.ZstdCompressor(level=LEVEL)
+    compressor = _compressor()
     if len(data) > 2 * SAMPLE:
         probe = compressor.compress(data[:SAMPLE])
         if len(probe) > SAMPLE * (1 - MIN_SAVING):
@@ -45,6 +67,6 @@ def unpack(encoding: str, payload: bytes, size_limit: int) -> bytes:
         params = zstandard.get_frame_parameters(payload)
         if params.content_size > size_limit:  # also catches "size unknown" (a huge sentinel)
             raise ProtocolError("compressed chunk would exceed the size limit")
-        return zstandard.ZstdDecompressor().decompress(payload, max_output_size=size_limit)
+        return _decompressor().decompress(payload, max_output_size=size_limit)
     except zstandard.ZstdError as e:
         raise ProtocolError(f"corrupt compressed chunk: {e}") from None
