@@ -194,6 +194,20 @@ async def test_chunk_upload_rejects_a_chunk_that_does_not_match_its_hash(
         assert [(f.encoding, f.payload) for f in frames] == [(RAW, good), ("missing", b"")]
 
 
+async def test_a_chunk_upload_cut_short_stores_none_of_its_chunks(server: ServerHandle) -> None:
+    # A request is made durable as a whole; the client sends a failed request's chunks again.
+    chunks = [b"first of the request", b"second of the request"]
+    body = b"".join(frame_header(hash_bytes(c), RAW, len(c)) + c for c in chunks)
+    async with httpx.AsyncClient(
+        base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as client:
+        assert (await client.post("/chunks", content=body[:-3])).status_code == 400
+        hashes = [hash_bytes(c) for c in chunks]
+        missing = await client.post("/chunks/missing", json={"hashes": hashes})
+        assert missing.json() == {"missing": hashes}
+    assert files_below(server.data_dir / "tmp") == set()
+
+
 async def test_a_batch_of_commits_gets_one_result_each(server: ServerHandle) -> None:
     chunk = b"content"
     chunks = [Chunk(hash_bytes(chunk), len(chunk))]
@@ -448,6 +462,55 @@ async def test_chunks_stored_in_the_older_two_level_layout_are_moved_and_served(
     (tmp_path / "chunk-layout").write_text("some/future/layout\n")
     with pytest.raises(StoreError, match="laid out as"):
         DiskBlobStore.open(tmp_path, offload=io)
+
+
+@pytest.mark.parametrize("group_sync", [True, False], ids=["syncfs", "fsync-each"])
+async def test_a_chunk_batch_lands_whole_when_it_ends(tmp_path: Path, group_sync: bool) -> None:
+    io = Offload(2)
+    blobs = DiskBlobStore.open(tmp_path, offload=io, group_sync=group_sync)
+    old = b"stored before"
+    contents = [b"one", b"two", old, b"three" * 1000]
+    hashes = [hash_bytes(c) for c in contents]
+    async with io.running():
+        await blobs.put(hash_bytes(old), old)
+        async with blobs.batch() as batch:
+            for hash, content in zip(hashes, contents, strict=True):
+                await batch.add(hash, content)
+            with pytest.raises(StoreError, match="does not match"):
+                await batch.add(hash_bytes(b"other"), b"not other")
+            assert await blobs.missing(hashes) == [h for h in hashes if h != hash_bytes(old)]
+        assert await blobs.missing(hashes) == []
+        assert [await blobs.get(h) for h in hashes] == contents
+    assert files_below(tmp_path / "tmp") == set()
+
+
+@pytest.mark.parametrize("group_sync", [True, False], ids=["syncfs", "fsync-each"])
+async def test_a_chunk_batch_that_fails_or_is_cancelled_stores_nothing(
+    tmp_path: Path, group_sync: bool
+) -> None:
+    io = Offload(2)
+    blobs = DiskBlobStore.open(tmp_path, offload=io, group_sync=group_sync)
+    contents = [b"never stored", b"nor this"]
+    hashes = [hash_bytes(c) for c in contents]
+    async with io.running():
+
+        async def add_then_fail() -> None:
+            async with blobs.batch() as batch:
+                for hash, content in zip(hashes, contents, strict=True):
+                    await batch.add(hash, content)
+                raise ProtocolError("the request broke off")
+
+        with pytest.raises(ProtocolError):
+            await add_then_fail()
+        with trio.CancelScope() as scope:
+            async with blobs.batch() as batch:
+                for hash, content in zip(hashes, contents, strict=True):
+                    await batch.add(hash, content)
+                scope.cancel()
+                await trio.sleep_forever()
+        assert await blobs.missing(hashes) == hashes
+    assert files_below(tmp_path / "tmp") == set()
+    assert files_below(tmp_path / "chunks") == set()
 
 
 # -- garbage collection -----------------------------------------------------------------------

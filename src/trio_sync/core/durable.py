@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -30,3 +32,28 @@ def write_durably(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(part, path)
     fsync_dir(path.parent)
+
+
+def _find_syncfs() -> Callable[[int], None] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        syncfs = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    syncfs.argtypes = (ctypes.c_int,)
+    syncfs.restype = ctypes.c_int
+
+    def call(fd: int) -> None:
+        if syncfs(fd) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno))
+
+    return call
+
+
+#: syncfs(2) where the C library has it (Linux), else None: makes every write to the filesystem
+#: holding the open file *fd* durable, in one pass. For a batch of small files that is far
+#: cheaper than an fsync per file and per folder (about 0.05 against 0.45 ms a file, measured with
+#: 4 KiB files on ext4). It also flushes other writers' data on that filesystem, which can make
+#: one call slow, never wrong. Linux before 5.8 does not report writeback errors through it.
+syncfs = _find_syncfs()

@@ -35,7 +35,7 @@ from ..protocol.sse import format_comment, format_event
 from .auth import check_bearer
 from .hub import ChangeHub
 from .metrics import Traffic
-from .store import BlobStore, MetaStore
+from .store import BlobStore, ChunkBatch, MetaStore
 
 log = logging.getLogger("trio_sync.server")
 
@@ -196,31 +196,34 @@ def create_app(
         rejected: list[str] = []
         received = 0
 
-        async def store(frame: Frame) -> None:
+        async def store(batch: ChunkBatch, frame: Frame) -> None:
             try:
                 data = await cpu(unpack, frame.encoding, frame.payload, MAX_CHUNK_SIZE)
-                await blobs.put(frame.hash, data)
+                await batch.add(frame.hash, data)
             except (StoreError, ProtocolError):
                 rejected.append(frame.hash)  # the client re-reads that file and tries again
             else:
                 stored.append(frame.hash)
 
         failure: ProtocolError | None = None
-        async with trio.open_nursery() as nursery:  # threads are bounded by the store's limiter
-            try:
-                async for piece in request.body:
-                    received += len(piece)
-                    if received > MAX_BODY:
-                        raise ProtocolError(f"a chunk upload is at most {MAX_BODY} bytes")
-                    for frame in parser.feed(piece):
-                        if frame.encoding == MISSING:
-                            raise ProtocolError("an upload cannot send a missing chunk")
-                        nursery.start_soon(store, frame)
-                parser.close()
-            except ProtocolError as e:
-                failure = e  # raised below, outside the nursery's exception group
-        if failure is not None:
-            raise failure
+        # The whole request is made durable at once, when the batch ends: a request cut off
+        # stores none of its chunks, and the client sends them again.
+        async with blobs.batch() as batch:
+            async with trio.open_nursery() as nursery:  # threads: bounded by the store's Offload
+                try:
+                    async for piece in request.body:
+                        received += len(piece)
+                        if received > MAX_BODY:
+                            raise ProtocolError(f"a chunk upload is at most {MAX_BODY} bytes")
+                        for frame in parser.feed(piece):
+                            if frame.encoding == MISSING:
+                                raise ProtocolError("an upload cannot send a missing chunk")
+                            nursery.start_soon(store, batch, frame)
+                    parser.close()
+                except ProtocolError as e:
+                    failure = e  # raised below, outside the nursery's exception group
+            if failure is not None:
+                raise failure
         return _json({"stored": stored, "rejected": rejected})
 
     @app.post("/chunks/fetch")

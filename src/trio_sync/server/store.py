@@ -16,13 +16,14 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
 import trio
 
-from ..core.durable import fsync_dir, unlink_quietly, write_durably
+from ..core.durable import fsync_dir, syncfs, unlink_quietly, write_durably
 from ..core.hashing import content_hash, hash_bytes
 from ..core.offload import Offload
 from ..errors import Conflict, StoreError
@@ -70,13 +71,27 @@ class MetaStore(Protocol):
     async def aclose(self) -> None: ...
 
 
+class ChunkBatch(Protocol):
+    async def add(self, hash: str, data: bytes) -> None:
+        """Take one chunk; StoreError if *data* is empty, too big, or not what *hash* names."""
+        ...
+
+
 class BlobStore(Protocol):
     async def missing(self, hashes: Iterable[str]) -> list[str]:
         """The hashes not stored. Those that are get a fresh timestamp: a client that was just
         told the server has a chunk will commit it soon, so garbage collection leaves it."""
         ...
 
-    async def put(self, hash: str, data: bytes) -> None: ...
+    def batch(self) -> AbstractAsyncContextManager[ChunkBatch]:
+        """Chunks added inside the block are stored, durably, when it ends without an error, and
+        not at all if it ends with one. A store may make a whole batch durable at once."""
+        ...
+
+    async def put(self, hash: str, data: bytes) -> None:
+        """A batch of one chunk."""
+        ...
+
     async def get(self, hash: str) -> bytes | None: ...
     async def idle_since(self, before: float) -> list[str]:
         """Chunks neither stored nor asked about since *before* (a time.time() value)."""
@@ -432,19 +447,24 @@ class DiskBlobStore:
     then only adds files. Two levels (65,536 folders, the layout before) made nearly every chunk
     of a new store create a folder, which cost the server about a third of its system time.
 
-    A chunk lands in `tmp/`, is fsynced, and is renamed into place only after its hash checks out,
-    so a crash leaves either no chunk or a whole, correct one.
+    A chunk is written to `tmp/` once its hash checks out, and renamed into place only after its
+    content is on disk, so a crash leaves either no chunk or a whole, correct one. A batch is made
+    durable together where the system has syncfs(2): all its temp files in one call, then all its
+    renames in one more, instead of an fsync per chunk file and per folder (which cost the server
+    about 3 s of the 20 s that 10,000 files of 4 KiB took end to end). Elsewhere, or with
+    *group_sync* off, each chunk file and each folder it lands in is fsynced.
     """
 
-    def __init__(self, root: Path, tmp: Path, *, offload: Offload) -> None:
+    def __init__(self, root: Path, tmp: Path, *, offload: Offload, group_sync: bool = True) -> None:
         # Plain strings: a path object per chunk costs more than the chunk's syscalls.
         self._root = os.fspath(root)
         self._tmp = os.fspath(tmp)
         self._offload = offload
         self._names = itertools.count()  # temp file names, unique within the process
+        self._syncfs = syncfs if group_sync else None
 
     @classmethod
-    def open(cls, data_dir: Path, *, offload: Offload) -> DiskBlobStore:
+    def open(cls, data_dir: Path, *, offload: Offload, group_sync: bool = True) -> DiskBlobStore:
         root, tmp = data_dir / "chunks", data_dir / "tmp"
         root.mkdir(parents=True, exist_ok=True)
         tmp.mkdir(parents=True, exist_ok=True)
@@ -456,7 +476,7 @@ class DiskBlobStore:
             write_durably(layout, LAYOUT)
         elif (found := layout.read_text()) != LAYOUT:
             raise StoreError(f"{root} holds chunks laid out as {found.strip()!r}, not {LAYOUT!r}")
-        return cls(root, tmp, offload=offload)
+        return cls(root, tmp, offload=offload, group_sync=group_sync)
 
     def _path(self, hash: str) -> str:
         check_hash(hash)
@@ -501,16 +521,16 @@ class DiskBlobStore:
 
         return await self._offload.run_sync(remove)
 
-    def _put(self, hash: str, data: bytes) -> None:
+    def _stage(self, hash: str, data: bytes) -> tuple[str, str] | None:
+        """Write a checked chunk to a temp file: (temp, final), or None if it is stored already."""
         final = self._path(hash)
         with contextlib.suppress(FileNotFoundError):
             os.utime(final)  # already stored: just fresh again for garbage collection
-            return
+            return None
         if len(data) > MAX_CHUNK_SIZE or not data:
             raise StoreError(f"chunk size must be 1..{MAX_CHUNK_SIZE} bytes")
         if hash_bytes(data) != hash:
             raise StoreError("chunk content does not match its hash")
-        folder = os.path.dirname(final)
         tmp = f"{self._tmp}/{hash}.{next(self._names)}.part"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -518,24 +538,61 @@ class DiskBlobStore:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-                os.fsync(fd)
+                if self._syncfs is None:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
-            try:
-                os.replace(tmp, final)
-            except FileNotFoundError:  # the chunk's folder does not exist yet
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(folder)
-                fsync_dir(self._root)  # the new folder must survive a crash with its chunk
-                os.replace(tmp, final)
         except BaseException:
             unlink_quietly(tmp)
             raise
-        fsync_dir(folder)
+        return tmp, final
+
+    def _land(self, staged: list[tuple[str, str]]) -> None:
+        """Rename staged chunks into place, durably. Their content is on disk before any name
+        points at it."""
+        if self._syncfs is not None:
+            fd = os.open(self._tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                self._syncfs(fd)
+                for tmp, final in staged:
+                    self._rename(tmp, final)
+                self._syncfs(fd)
+            finally:
+                os.close(fd)
+        else:
+            folders = {self._rename(tmp, final) for tmp, final in staged}
+            for folder in folders:
+                fsync_dir(folder)
+
+    def _rename(self, tmp: str, final: str) -> str:
+        folder = os.path.dirname(final)
+        try:
+            os.replace(tmp, final)
+        except FileNotFoundError:  # the chunk's folder does not exist yet
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(folder)
+            if self._syncfs is None:
+                fsync_dir(self._root)  # the new folder must survive a crash with its chunk
+            os.replace(tmp, final)
+        return folder
+
+    @asynccontextmanager
+    async def batch(self) -> AsyncIterator[ChunkBatch]:
+        batch = _DiskBatch(self._offload, self._stage)
+        try:
+            yield batch
+            # Not cancellable once running; if it fails half way, what it did not rename is
+            # removed below.
+            await self._offload.run_sync(self._land, batch.staged)
+            batch.staged.clear()
+        finally:
+            if batch.staged:
+                with trio.CancelScope(shield=True):
+                    await self._offload.run_sync(_unlink_all, batch.staged)
 
     async def put(self, hash: str, data: bytes) -> None:
-        # Not cancellable mid-write: the temp file is removed by _put itself either way.
-        await self._offload.run_sync(self._put, hash, data)
+        async with self.batch() as batch:
+            await batch.add(hash, data)
 
     def _get(self, hash: str) -> bytes | None:
         try:
@@ -546,6 +603,27 @@ class DiskBlobStore:
 
     async def get(self, hash: str) -> bytes | None:
         return await self._offload.run_sync(self._get, hash)
+
+
+class _DiskBatch:
+    def __init__(
+        self, offload: Offload, stage: Callable[[str, bytes], tuple[str, str] | None]
+    ) -> None:
+        self._offload = offload
+        self._stage = stage
+        self.staged: list[tuple[str, str]] = []  # (temp, final), appended on the Trio thread
+
+    async def add(self, hash: str, data: bytes) -> None:
+        # Not cancellable mid-write: _stage removes its own temp file if it fails.
+        staged = await self._offload.run_sync(self._stage, hash, data)
+        if staged is not None:
+            self.staged.append(staged)
+
+
+def _unlink_all(staged: list[tuple[str, str]]) -> None:
+    """Remove the temp files of a batch; those already renamed are gone already."""
+    for tmp, _final in staged:
+        unlink_quietly(tmp)
 
 
 def _flatten_two_levels(root: Path) -> None:
