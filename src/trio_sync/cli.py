@@ -23,7 +23,7 @@ from .errors import (
     StoreError,
     TrioSyncError,
 )
-from .memory import limit_allocator_arenas, relax_cycle_collector
+from .memory import limit_allocator_arenas
 from .protocol.models import check_name
 from .server.serve import RunningServer, run_server
 
@@ -91,7 +91,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     limit_allocator_arenas()
-    relax_cycle_collector()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
