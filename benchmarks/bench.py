@@ -457,7 +457,8 @@ def write_report(out: Path, rows: list[Row], edits: list[Row], *, quick: bool) -
         " are compared by hash afterwards, untimed. Every timed run starts after `sync(2)`, so"
         " that none pays for writing back data an earlier step left in the page cache.",
         "- Our trip is two hops (A → server → B), durable on both: the server makes each upload"
-        " request durable with syncfs(2), B fsyncs each file and its folder.",
+        " request durable with syncfs(2), B the small files it receives together; B fsyncs each"
+        " larger file and its folder.",
         "- Bytes on the wire (ours): HTTP body bytes both ways as counted by the server"
         " (`GET /info` traffic: uploads, downloads, listings, events; HTTP headers not counted)."
         " rsync: `Total bytes sent` + `Total bytes received` from `--stats`.",

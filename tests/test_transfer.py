@@ -23,12 +23,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trio_sync.client.engine import Engine
+from trio_sync.client.landing import Landing
 from trio_sync.client.transfer import PARTIAL_DIR, partial_name
 from trio_sync.config import ClientConfig
 from trio_sync.core.compression import pack, unpack
 from trio_sync.core.hashing import FileDigest, chunk_file, content_hash, cut, hash_bytes
 from trio_sync.core.offload import Offload
-from trio_sync.errors import IncompatibleServer, ProtocolError, StoreError
+from trio_sync.errors import (
+    IncompatibleServer,
+    LocalChanged,
+    ProtocolError,
+    StoreError,
+    TrioSyncError,
+)
 from trio_sync.protocol.frames import RAW, ZSTD, Frame, FrameParser, frame_header
 from trio_sync.protocol.models import CDC_MAX, CDC_MIN, MAX_CHUNK_SIZE, Chunk, CommitRequest
 from trio_sync.protocol.paths import STATE_DIR_NAME
@@ -511,6 +518,52 @@ async def test_a_chunk_batch_that_fails_or_is_cancelled_stores_nothing(
         assert await blobs.missing(hashes) == hashes
     assert files_below(tmp_path / "tmp") == set()
     assert files_below(tmp_path / "chunks") == set()
+
+
+# -- landing downloads ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group_sync", [True, False], ids=["syncfs", "fsync-each"])
+async def test_small_downloads_land_together_and_one_failure_stays_its_own(
+    tmp_path: Path, group_sync: bool
+) -> None:
+    root, tmp_dir = tmp_path / "folder", tmp_path / "folder" / STATE_DIR_NAME / "tmp"
+    tmp_dir.mkdir(parents=True)
+    write(root / "mine.txt", b"a local edit the decision did not know about")
+    (root / "out").symlink_to(tmp_path)  # a path through it would leave the folder
+    wanted = {f"sub{i % 4}/f{i}.txt": f"content {i}".encode() for i in range(40)}
+    outcomes: dict[str, Exception | None] = {}
+    io = Offload(2)
+    landing = Landing(root, tmp_dir, io, group_sync=group_sync)
+
+    async def deliver(path: str, content: bytes) -> None:
+        work = tmp_dir / f"{len(outcomes)}-{random.random()}.part"
+        work.write_bytes(content)
+        try:
+            await landing.place(work, path, None)
+        except Exception as e:
+            outcomes[path] = e
+            work.unlink()
+        else:
+            outcomes[path] = None
+
+    async with io.running(), trio.open_nursery() as nursery:
+        await nursery.start(landing.run)
+        async with trio.open_nursery() as senders:
+            for path, content in [*wanted.items(), ("mine.txt", b"theirs"), ("out/x", b"x")]:
+                senders.start_soon(deliver, path, content)
+        nursery.cancel_scope.cancel()
+
+    assert all(outcomes[path] is None for path in wanted)
+    assert {p: (root / p).read_bytes() for p in wanted} == wanted
+    assert isinstance(outcomes["mine.txt"], LocalChanged)
+    assert (root / "mine.txt").read_bytes() == b"a local edit the decision did not know about"
+    assert isinstance(outcomes["out/x"], TrioSyncError)
+    assert not (tmp_path / "x").exists()
+    assert list(tmp_dir.iterdir()) == []
+    stats = landing.statistics()
+    assert stats.files == len(wanted) + 2
+    assert stats.batches <= stats.files // 8  # files that arrive together land together
 
 
 # -- garbage collection -----------------------------------------------------------------------

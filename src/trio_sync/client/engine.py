@@ -46,6 +46,7 @@ from ..protocol.paths import STATE_DIR_NAME, is_valid_path
 from ..protocol.sse import ServerSentEvent
 from .batching import Batches, ByteBudget
 from .index import BaseEntry, Index, is_racy
+from .landing import Landing
 from .queue import PathQueue
 from .remote import Remote
 from .scanner import Ignored, LocalFile, Scanner, Unsyncable
@@ -145,7 +146,7 @@ class Engine:
         c = self.config
         return Remote(c.server_url, c.token, c.name, stream_idle_timeout=c.stream_idle_timeout)
 
-    def _transfer(self, batches: Batches) -> Transfer:
+    def _transfer(self, batches: Batches, landing: Landing) -> Transfer:
         return Transfer(
             self.root,
             self.state_dir,
@@ -155,6 +156,7 @@ class Engine:
             self.config.name,
             self._parking,
             self._budget,
+            landing,
             compress=self.config.compress,
         )
 
@@ -355,7 +357,9 @@ class Engine:
         nursery.start_soon(self.queue.run_deferred)
         batches = Batches(remote, compress=self.config.compress)
         await nursery.start(batches.run)
-        transfer = self._transfer(batches)
+        landing = Landing(self.root, self.state_dir / "tmp", self._io)
+        await nursery.start(landing.run)
+        transfer = self._transfer(batches, landing)
         for _ in range(self.config.workers):
             nursery.start_soon(self._worker, transfer)
 

@@ -1,8 +1,9 @@
 """Moves content between the folder and the server, and records each result in the index.
 
-Every local write is temp file (in the state folder) → fsync → hash verified → checked that the
-target is still what we decided on → rename. The index is updated right after the rename, so our
-own writes are recognised by stat, not by a clock.
+Every local write is temp file (in the state folder) → hash verified → on disk → checked that the
+target is still what we decided on → rename, made durable (client/landing.py; small files in
+batches). The index is updated right after, so our own writes are recognised by stat, not by a
+clock.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import TypeVar, TypeVarTuple, Unpack
 import trio
 
 from ..core.compression import pack, unpack
-from ..core.durable import fsync_dir, unlink_quietly
+from ..core.durable import unlink_quietly
 from ..core.hashing import hash_bytes
 from ..core.offload import Offload
 from ..errors import LocalChanged, ProtocolError, TrioSyncError, single_error
@@ -32,6 +33,7 @@ from ..protocol.frames import RAW, Frame
 from ..protocol.models import DIR, Chunk, CommitRequest, FileEntry
 from .batching import Batches, ByteBudget
 from .index import BaseEntry, Index, StatKey
+from .landing import Landing, check_unchanged, place
 from .scanner import LocalFile, dir_key, local_path, stat_key
 
 log = logging.getLogger("trio_sync.client")
@@ -121,6 +123,7 @@ class Transfer:
         client_name: str,
         parking: Parking,
         budget: ByteBudget,
+        landing: Landing,
         *,
         compress: bool,
     ) -> None:
@@ -133,6 +136,7 @@ class Transfer:
         self._name = client_name
         self._parking = parking
         self._budget = budget
+        self._landing = landing
         self._compress = compress
         self._umask = _umask()
         self._names = itertools.count()
@@ -274,41 +278,43 @@ class Transfer:
         return fetched
 
     async def _download_small(self, entry: FileEntry, expected: LocalFile | None) -> int:
-        """Fetch every chunk into memory, then write, fsync and place the file in one step."""
+        """Fetch every chunk into memory, write the file in one step, and hand it to the landing,
+        which places it with others in one durable batch."""
         wanted = {c.hash: c.size for c in entry.chunks}
         frames: dict[str, Frame] = {}
 
         async def fetch(hash: str, size: int) -> None:
             frames[hash] = await self.batches.fetch(hash, size)
 
-        await self._budget.acquire(entry.size)
-        try:
-            async with single_error(), trio.open_nursery() as nursery:
-                for hash, size in wanted.items():
-                    nursery.start_soon(fetch, hash, size)
-            final = await self._thread(self._write_small, entry, frames, expected)
-        finally:
-            self._budget.release(entry.size)
-        await self.index.put(BaseEntry.synced(entry, final, we_wrote_it=True))
-        return sum(len(f.payload) for f in frames.values())
-
-    def _write_small(
-        self, entry: FileEntry, frames: dict[str, Frame], expected: LocalFile | None
-    ) -> StatKey:
-        sizes = {c.hash: c.size for c in entry.chunks}
-        chunks = {h: _decoded(frame, sizes[h]) for h, frame in frames.items()}
         work = self._temp_name()
         try:
-            fd = os.open(work, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            await self._budget.acquire(entry.size)
             try:
-                _write_all(fd, b"".join(chunks[c.hash] for c in entry.chunks), 0)
-                self._finish_file(fd, entry)
+                async with single_error(), trio.open_nursery() as nursery:
+                    for hash, size in wanted.items():
+                        nursery.start_soon(fetch, hash, size)
+                fetched = sum(len(f.payload) for f in frames.values())
+                await self._thread(self._write_small, work, entry, frames)
             finally:
-                os.close(fd)
-            return self._place(work, entry.path, expected)
+                frames.clear()
+                self._budget.release(entry.size)
+            final = await self._landing.place(work, entry.path, expected)
         except BaseException:
-            unlink_quietly(work)
+            with trio.CancelScope(shield=True):
+                await self._thread(unlink_quietly, work)
             raise
+        await self.index.put(BaseEntry.synced(entry, final, we_wrote_it=True))
+        return fetched
+
+    def _write_small(self, work: Path, entry: FileEntry, frames: dict[str, Frame]) -> None:
+        sizes = {c.hash: c.size for c in entry.chunks}
+        chunks = {h: _decoded(frame, sizes[h]) for h, frame in frames.items()}
+        fd = os.open(work, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, b"".join(chunks[c.hash] for c in entry.chunks), 0)
+            self._finish_file(fd, entry, sync=self._landing.wants_synced_files)
+        finally:
+            os.close(fd)
 
     def _temp_name(self) -> Path:
         # The state folder's tmp/ is emptied at start and only this process writes there.
@@ -396,18 +402,19 @@ class Transfer:
                 nursery.start_soon(fetch, hash, size, offsets)
         return fetched
 
-    def _finish_file(self, fd: int, entry: FileEntry) -> None:
+    def _finish_file(self, fd: int, entry: FileEntry, *, sync: bool = True) -> None:
         mode = 0o666 & ~self._umask
         if entry.executable:
             mode |= (mode & 0o444) >> 2  # x wherever r is allowed
         os.fchmod(fd, mode)
-        os.fsync(fd)
         os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+        if sync:
+            os.fsync(fd)
 
     def _make_dir(self, path: str, expected: LocalFile | None) -> StatKey:
         target = local_path(self.root, path)
         if expected is None or not expected.is_dir:
-            _check_unchanged(target, expected, path)
+            check_unchanged(target, expected, path)
             target.mkdir(parents=True, exist_ok=True)
         st = os.lstat(target)
         if not stat.S_ISDIR(st.st_mode):
@@ -415,15 +422,7 @@ class Transfer:
         return dir_key(st)
 
     def _place(self, tmp: Path, path: str, expected: LocalFile | None) -> StatKey:
-        target = local_path(self.root, path)
-        folder = os.path.dirname(target)
-        if not os.path.isdir(folder):
-            os.makedirs(folder, exist_ok=True)
-            local_path(self.root, path)  # re-check: mkdir must not have raced with a symlink
-        _check_unchanged(target, expected, path)
-        os.rename(tmp, target)
-        fsync_dir(folder)
-        return stat_key(os.lstat(target))
+        return place(self.root, tmp, path, expected, sync=True)
 
     async def delete_local(self, path: str, expected: LocalFile) -> None:
         if expected.is_dir:
@@ -442,7 +441,7 @@ class Transfer:
 
     def _delete_dir(self, path: str, expected: LocalFile) -> None:
         target = local_path(self.root, path)
-        _check_unchanged(target, expected, path)
+        check_unchanged(target, expected, path)
         try:
             target.rmdir()
         except OSError as e:
@@ -454,7 +453,7 @@ class Transfer:
         """Give the file a second name at *spot*; True if the old name still has to go (a
         file system without hard links gets a rename instead)."""
         target = local_path(self.root, path)
-        _check_unchanged(target, expected, path)
+        check_unchanged(target, expected, path)
         try:
             os.link(target, spot, follow_symlinks=False)
         except OSError as e:
@@ -471,7 +470,7 @@ class Transfer:
 
     def _set_aside(self, local: LocalFile) -> str:
         target = local_path(self.root, local.path)
-        _check_unchanged(target, local, local.path)
+        check_unchanged(target, local, local.path)
         when = datetime.now(UTC)
         candidate = conflict_name(local.path, self._name, when)
         n = 1
@@ -544,19 +543,3 @@ class FolderNotEmpty(LocalChanged):
         super().__init__(f"{path}: folder is not empty yet")
         self.path = path
         self.names = names
-
-
-def _check_unchanged(target: Path, expected: LocalFile | None, path: str) -> None:
-    """Refuse to replace or remove anything but the exact item the decision was made about."""
-    try:
-        st = os.lstat(target)
-    except (FileNotFoundError, NotADirectoryError):
-        if expected is None:
-            return
-        raise LocalChanged(f"{path}: vanished locally") from None
-    if expected is not None and expected.is_dir:
-        if not stat.S_ISDIR(st.st_mode) or st.st_ino != expected.stat.inode:
-            raise LocalChanged(f"{path}: changed locally meanwhile")
-        return
-    if expected is None or not stat.S_ISREG(st.st_mode) or stat_key(st) != expected.stat:
-        raise LocalChanged(f"{path}: changed locally meanwhile")
