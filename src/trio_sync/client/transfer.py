@@ -158,7 +158,9 @@ class Transfer:
             missing = set(unique)
         else:
             missing = await self.batches.missing(unique) if unique else set()
-        if missing:
+        if missing and local.stat.size <= SEND_WITHOUT_ASKING:
+            await self._send_small(local, missing)
+        elif missing:
             fd = await self._thread(self._open_to_read, local.path)
             try:
                 await self._send_chunks(fd, local, missing)
@@ -181,6 +183,31 @@ class Transfer:
         )
         await self.index.put(BaseEntry.synced(entry, local.stat, we_wrote_it=False))
         return entry
+
+    async def _send_small(self, local: LocalFile, missing: set[str]) -> None:
+        """A small file's chunks are opened, read and packed in one thread call: most files in
+        a tree are small, and each thread call costs more than reading 4 KiB."""
+        await self._budget.acquire(local.stat.size)
+        try:
+            frames = await self._thread(self._read_frames, local, missing)
+            for frame in frames:
+                if not await self.batches.put(frame):
+                    raise LocalChanged(f"{local.path}: changed since it was hashed")
+        finally:
+            self._budget.release(local.stat.size)
+
+    def _read_frames(self, local: LocalFile, missing: set[str]) -> list[Frame]:
+        fd = self._open_to_read(local.path)
+        try:
+            frames: dict[str, Frame] = {}
+            offset = 0
+            for chunk in local.chunks:
+                if chunk.hash in missing and chunk.hash not in frames:
+                    frames[chunk.hash] = self._read_frame(fd, chunk, offset)
+                offset += chunk.size
+            return list(frames.values())
+        finally:
+            os.close(fd)
 
     async def _send_chunks(self, fd: int, local: LocalFile, missing: set[str]) -> None:
         """Send the missing chunks, several at a time, within the shared byte budget."""

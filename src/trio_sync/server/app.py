@@ -44,6 +44,9 @@ LIST_PAGE = 1000
 EVENT_PAGE = 500
 #: Streamed frames are gathered into writes of about this many bytes.
 WRITE_SIZE = 256 * 1024
+#: Chunks up to this size are compressed on the event loop: about 10 µs for 16 KiB, less than
+#: handing the call to a thread and back.
+PACK_INLINE = 16 * 1024
 #: Room for a batch of chunks up to MAX_CHUNK_SIZE, or a commit's chunk list (about 200,000
 #: chunks), plus framing.
 MAX_BODY = MAX_CHUNK_SIZE + 1024 * 1024
@@ -198,7 +201,10 @@ def create_app(
 
         async def store(batch: ChunkBatch, frame: Frame) -> None:
             try:
-                data = await cpu(unpack, frame.encoding, frame.payload, MAX_CHUNK_SIZE)
+                if frame.encoding == RAW:
+                    data = frame.payload  # nothing to decode: no thread hand-off
+                else:
+                    data = await cpu(unpack, frame.encoding, frame.payload, MAX_CHUNK_SIZE)
                 await batch.add(frame.hash, data)
             except (StoreError, ProtocolError):
                 rejected.append(frame.hash)  # the client re-reads that file and tries again
@@ -246,7 +252,9 @@ def create_app(
                     pieces.append(frame_header(hash, MISSING, 0))
                 else:
                     encoding, payload = RAW, data
-                    if compress:
+                    if compress and len(data) <= PACK_INLINE:
+                        encoding, payload = pack(data)  # quicker than a thread hand-off
+                    elif compress:
                         encoding, payload = await cpu(pack, data)
                     pieces += (frame_header(hash, encoding, len(payload)), payload)
                     size += len(payload)
