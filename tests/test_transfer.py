@@ -27,6 +27,7 @@ from trio_sync.client.landing import Landing
 from trio_sync.client.transfer import PARTIAL_DIR, partial_name
 from trio_sync.config import ClientConfig
 from trio_sync.core.compression import pack, unpack
+from trio_sync.core.durable import filesystem_type, group_syncer, syncfs
 from trio_sync.core.hashing import FileDigest, chunk_file, content_hash, cut, hash_bytes
 from trio_sync.core.offload import Offload
 from trio_sync.errors import (
@@ -520,6 +521,24 @@ async def test_a_chunk_batch_that_fails_or_is_cancelled_stores_nothing(
     assert files_below(tmp_path / "chunks") == set()
 
 
+def test_syncfs_stands_in_for_fsync_only_on_filesystems_known_to_flush_everything(
+    tmp_path: Path,
+) -> None:
+    mountinfo = (
+        "22 27 0:21 / /proc rw,relatime - proc proc rw\n"
+        "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw,discard\n"
+        "40 27 0:45 / /home/me/remote rw,nosuid,nodev,relatime shared:5 - fuse.sshfs me@host: rw\n"
+    )
+    assert filesystem_type(os.makedev(254, 0), mountinfo) == "ext4"
+    assert filesystem_type(os.makedev(0, 45), mountinfo) == "fuse.sshfs"  # optional fields skipped
+    assert filesystem_type(os.makedev(9, 9), mountinfo) is None
+    here = filesystem_type(tmp_path.stat().st_dev, Path("/proc/self/mountinfo").read_text())
+    if here in {"ext4", "xfs", "btrfs", "tmpfs"}:
+        assert group_syncer(tmp_path) is syncfs is not None
+    else:
+        assert group_syncer(tmp_path) is None
+
+
 # -- landing downloads ------------------------------------------------------------------------
 
 
@@ -534,7 +553,7 @@ async def test_small_downloads_land_together_and_one_failure_stays_its_own(
     wanted = {f"sub{i % 4}/f{i}.txt": f"content {i}".encode() for i in range(40)}
     outcomes: dict[str, Exception | None] = {}
     io = Offload(2)
-    landing = Landing(root, tmp_dir, io, group_sync=group_sync)
+    landing = Landing(root, tmp_dir, io, syncfs=group_syncer(tmp_dir) if group_sync else None)
 
     async def deliver(path: str, content: bytes) -> None:
         work = tmp_dir / f"{len(outcomes)}-{random.random()}.part"

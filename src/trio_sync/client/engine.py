@@ -24,7 +24,7 @@ from pathlib import Path
 import trio
 
 from ..config import ClientConfig
-from ..core.durable import unlink_quietly
+from ..core.durable import group_syncer, unlink_quietly
 from ..core.ignore import IGNORE_FILE, IgnoreRules
 from ..core.offload import Offload
 from ..core.reconcile import Action, Content, Side, decide
@@ -357,7 +357,10 @@ class Engine:
         nursery.start_soon(self.queue.run_deferred)
         batches = Batches(remote, compress=self.config.compress)
         await nursery.start(batches.run)
-        landing = Landing(self.root, self.state_dir / "tmp", self._io)
+        tmp = self.state_dir / "tmp"
+        landing = Landing(
+            self.root, tmp, self._io, syncfs=await self._io.run_sync(group_syncer, tmp)
+        )
         await nursery.start(landing.run)
         transfer = self._transfer(batches, landing)
         for _ in range(self.config.workers):

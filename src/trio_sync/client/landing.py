@@ -9,19 +9,21 @@ Small files are placed in batches by `Landing`. Their temp files are written uns
 syncfs(2) puts a whole batch on disk, the renames follow, and a second syncfs makes the renames
 durable, so content is on disk before a name points at it. An fsync per file and per folder cost
 client B 3.5 to 6 s of the 14 to 20 s that 10,000 files of 4 KiB took end to end
-(docs/benchmarks.md). Where there is no syncfs, each file and its folder are fsynced as before.
+(docs/benchmarks.md). Where syncfs is missing or not sure to be as good as fsync
+(`core.durable.group_syncer`), each file and its folder are fsynced as before.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
-from ..core.durable import fsync_dir, syncfs
+from ..core.durable import fsync_dir
 from ..core.offload import Offload
 from ..errors import LocalChanged
 from .batching import Batcher, Pending
@@ -80,11 +82,19 @@ class Landing:
     """Places finished small downloads in batches (see the module docstring). Run `run` in the
     nursery that owns the workers."""
 
-    def __init__(self, root: Path, tmp_dir: Path, offload: Offload, *, group_sync: bool = True):
+    def __init__(
+        self,
+        root: Path,
+        tmp_dir: Path,
+        offload: Offload,
+        *,
+        syncfs: Callable[[int], None] | None,
+    ):
+        """*syncfs*: `core.durable.group_syncer(tmp_dir)`, or None to fsync each file."""
         self._root = root
         self._tmp_dir = tmp_dir
         self._offload = offload
-        self._syncfs = syncfs if group_sync else None
+        self._syncfs = syncfs
         # One batch at a time: files that arrive meanwhile make up the next one.
         self._batcher: Batcher[_Arrival, StatKey] = Batcher(
             self._land, max_items=MAX_BATCH, parallel=1

@@ -57,3 +57,31 @@ def _find_syncfs() -> Callable[[int], None] | None:
 #: 4 KiB files on ext4). It also flushes other writers' data on that filesystem, which can make
 #: one call slow, never wrong. Linux before 5.8 does not report writeback errors through it.
 syncfs = _find_syncfs()
+
+#: Filesystems whose syncfs writes everything, data and names, to their own disk. Elsewhere it
+#: can fall short of fsync: FUSE filesystems, for one, are not asked to flush their own store.
+SYNCFS_KEEPS_ALL = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "jfs", "tmpfs"})
+
+
+def filesystem_type(device: int, mountinfo: str) -> str | None:
+    """The type of the mounted filesystem with this device number, from /proc/self/mountinfo."""
+    wanted = f"{os.major(device)}:{os.minor(device)}"
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) > 2 and fields[2] == wanted and "-" in fields[6:]:
+            return fields[fields.index("-", 6) + 1]
+    return None
+
+
+def group_syncer(path: Path | str) -> Callable[[int], None] | None:
+    """syncfs, if it is sure to make writes below *path* as durable as fsync would; else None
+    (and the caller fsyncs each file and folder). Blocking."""
+    if syncfs is None:
+        return None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            mountinfo = f.read()
+        kind = filesystem_type(os.stat(path).st_dev, mountinfo)
+    except OSError:
+        return None
+    return syncfs if kind in SYNCFS_KEEPS_ALL else None
