@@ -23,8 +23,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trio_sync.client.engine import Engine
+from trio_sync.client.index import StatKey
 from trio_sync.client.landing import Landing
-from trio_sync.client.transfer import PARTIAL_DIR, partial_name
+from trio_sync.client.scanner import stat_key
+from trio_sync.client.transfer import PARTIAL_DIR, partial_name, remove_parked_name
 from trio_sync.config import ClientConfig
 from trio_sync.core.compression import pack, unpack
 from trio_sync.core.durable import filesystem_type, group_syncer, syncfs
@@ -537,6 +539,46 @@ def test_syncfs_stands_in_for_fsync_only_on_filesystems_known_to_flush_everythin
         assert group_syncer(tmp_path) is syncfs is not None
     else:
         assert group_syncer(tmp_path) is None
+
+
+# -- deleting a file the server deleted -------------------------------------------------------
+
+
+def parked(tmp_path: Path) -> tuple[Path, Path, StatKey]:
+    """A synced file about to be deleted: checked, and given a second name in the parking."""
+    target, spot = tmp_path / "doomed.txt", tmp_path / "parked"
+    target.write_bytes(b"the synced content")
+    os.link(target, spot)
+    return target, spot, stat_key(os.lstat(target))
+
+
+def no_conflict_copy() -> Path:
+    raise AssertionError("no conflict copy expected")
+
+
+def test_a_parked_file_loses_its_old_name_when_unchanged(tmp_path: Path) -> None:
+    target, spot, expected = parked(tmp_path)
+    remove_parked_name(target, expected, spot, keep_as=no_conflict_copy)
+    assert not target.exists()
+    assert spot.read_bytes() == b"the synced content"
+
+
+def test_a_file_replaced_while_being_deleted_is_kept(tmp_path: Path) -> None:
+    target, spot, expected = parked(tmp_path)
+    (tmp_path / "editor-save").write_bytes(b"saved by the user")
+    os.replace(tmp_path / "editor-save", target)  # how editors save: a new file over the name
+    with pytest.raises(LocalChanged):
+        remove_parked_name(target, expected, spot, keep_as=no_conflict_copy)
+    assert target.read_bytes() == b"saved by the user"
+
+
+def test_a_file_written_in_place_while_being_deleted_is_kept(tmp_path: Path) -> None:
+    target, spot, expected = parked(tmp_path)
+    with open(target, "r+b") as f:  # the parked name sees this write too
+        f.write(b"THE USER'S EDIT, LONGER")
+    with pytest.raises(LocalChanged):
+        remove_parked_name(target, expected, spot, keep_as=no_conflict_copy)
+    assert target.read_bytes() == b"THE USER'S EDIT, LONGER"
 
 
 # -- landing downloads ------------------------------------------------------------------------

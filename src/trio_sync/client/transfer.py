@@ -106,6 +106,12 @@ class Parking:
         found = self._files.pop(hash, None)
         return found[0] if found else None
 
+    def drop(self, hash: str, spot: Path) -> None:
+        """Forget *spot*, if it is still the file parked for *hash*."""
+        found = self._files.get(hash)
+        if found is not None and found[0] == spot:
+            del self._files[hash]
+
     def expired(self) -> list[Path]:
         now = time.monotonic()
         old = [h for h, (_, since) in self._files.items() if now - since > self.KEEP_SECONDS]
@@ -239,9 +245,6 @@ class Transfer:
 
     def _stat_now(self, path: str) -> StatKey | None:
         return _stat_or_none(local_path(self.root, path))
-
-    def _unlink(self, path: str) -> None:
-        os.unlink(local_path(self.root, path))
 
     def _read_frame(self, fd: int, chunk: Chunk, offset: int) -> Frame:
         data = os.pread(fd, chunk.size, offset)
@@ -463,7 +466,14 @@ class Transfer:
             if replaced is not None:
                 await self._thread(unlink_quietly, replaced)
             if linked:
-                await self._thread(self._unlink, path)
+                try:
+                    await self._thread(self._unpark_name, path, expected, spot)
+                except LocalChanged:
+                    # The user's file, changed or replaced meanwhile, keeps its name; the spot
+                    # must not stay a second name of it (a download could write into a spot).
+                    self._parking.drop(expected.hash, spot)
+                    await self._thread(unlink_quietly, spot)
+                    raise
         await self.index.remove(path)
 
     def _delete_dir(self, path: str, expected: LocalFile) -> None:
@@ -490,6 +500,23 @@ class Transfer:
             return False
         return True
 
+    def _unpark_name(self, path: str, expected: LocalFile, spot: Path) -> None:
+        remove_parked_name(
+            local_path(self.root, path),
+            expected.stat,
+            spot,
+            keep_as=lambda: self.root / self._free_conflict_name(path),
+        )
+
+    def _free_conflict_name(self, path: str) -> str:
+        when = datetime.now(UTC)
+        candidate = conflict_name(path, self._name, when)
+        n = 1
+        while os.path.lexists(self.root / candidate):
+            n += 1
+            candidate = conflict_name(path, f"{self._name}-{n}", when)
+        return candidate
+
     async def set_aside(self, local: LocalFile) -> str:
         """Rename the local file to a conflict copy next to it; returns the copy's wire path."""
         result: str = await self._thread(self._set_aside, local)
@@ -498,14 +525,39 @@ class Transfer:
     def _set_aside(self, local: LocalFile) -> str:
         target = local_path(self.root, local.path)
         check_unchanged(target, local, local.path)
-        when = datetime.now(UTC)
-        candidate = conflict_name(local.path, self._name, when)
-        n = 1
-        while os.path.lexists(self.root / candidate):
-            n += 1
-            candidate = conflict_name(local.path, f"{self._name}-{n}", when)
+        candidate = self._free_conflict_name(local.path)
         os.rename(target, self.root / candidate)
         return candidate
+
+
+def remove_parked_name(
+    target: Path, expected: StatKey, spot: Path, *, keep_as: Callable[[], Path]
+) -> None:
+    """Remove *target*, the old name of a file parked at *spot*, unless the user changed it
+    since it was checked: written to in place (the parked name sees that too) or replaced by a
+    new file; then LocalChanged, and the file keeps its name. A write that lands in the instant
+    before the unlink gets its name back, or *keep_as()* if a new file took the name meanwhile."""
+    try:
+        st = os.lstat(target)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    try:
+        same = os.path.samestat(st, os.lstat(spot))
+    except FileNotFoundError:  # a download took the parked name: compare with the check
+        same = st.st_ino == expected.inode
+    if not same or not stat.S_ISREG(st.st_mode) or stat_key(st) != expected:
+        raise LocalChanged(f"{target}: changed locally while being deleted")
+    os.unlink(target)
+    try:
+        after = stat_key(os.lstat(spot))
+    except FileNotFoundError:
+        return
+    if after != expected:
+        try:
+            os.link(spot, target, follow_symlinks=False)
+        except FileExistsError:
+            os.link(spot, keep_as(), follow_symlinks=False)
+        raise LocalChanged(f"{target}: changed locally while being deleted")
 
 
 def partial_name(path: str, content_hash: str) -> str:
