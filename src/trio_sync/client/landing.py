@@ -18,12 +18,13 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
-from ..core.durable import fsync_dir
+from ..core.durable import fsync_dir, synced_around
 from ..core.offload import Offload
 from ..errors import LocalChanged
 from .batching import Batcher, Pending
@@ -131,22 +132,14 @@ class Landing:
     def _land_all(self, arrivals: list[_Arrival]) -> list[StatKey | Exception]:
         """Place each file; one failing (changed locally, say) does not stop the others."""
         results: list[StatKey | Exception] = []
-        if self._syncfs is None:
+        each = self._syncfs is None  # no syncfs here: fsync each file's folder as it lands
+        batch: AbstractContextManager[object] = (
+            nullcontext() if self._syncfs is None else synced_around(self._syncfs, self._tmp_dir)
+        )
+        with batch:  # syncfs: every file's content first, then all the renames
             for a in arrivals:
                 try:
-                    results.append(place(self._root, a.tmp, a.path, a.expected, sync=True))
+                    results.append(place(self._root, a.tmp, a.path, a.expected, sync=each))
                 except Exception as e:
                     results.append(e)
-            return results
-        fd = os.open(self._tmp_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            self._syncfs(fd)  # every temp file's content, before any rename
-            for a in arrivals:
-                try:
-                    results.append(place(self._root, a.tmp, a.path, a.expected, sync=False))
-                except Exception as e:
-                    results.append(e)
-            self._syncfs(fd)  # the renames, and any folders made for them
-        finally:
-            os.close(fd)
         return results

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -21,6 +21,20 @@ def fsync_dir(path: str | Path) -> None:
 def unlink_quietly(path: str | Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+@contextlib.contextmanager
+def synced_around(sync: Callable[[int], None], folder: str | Path) -> Iterator[None]:
+    """Call *sync* (`syncfs`) on *folder*'s filesystem before the block and after it: what was
+    written before is on disk before the block renames it into place, and the renames are on
+    disk after. A block that raises skips the second call."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        sync(fd)
+        yield
+        sync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_durably(path: Path, text: str) -> None:

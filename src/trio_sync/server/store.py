@@ -23,7 +23,13 @@ from typing import Any, Protocol
 
 import trio
 
-from ..core.durable import fsync_dir, group_syncer, unlink_quietly, write_durably
+from ..core.durable import (
+    fsync_dir,
+    group_syncer,
+    synced_around,
+    unlink_quietly,
+    write_durably,
+)
 from ..core.hashing import content_hash, hash_bytes
 from ..core.offload import Offload
 from ..errors import Conflict, StoreError
@@ -552,14 +558,9 @@ class DiskBlobStore:
         """Rename staged chunks into place, durably. Their content is on disk before any name
         points at it."""
         if self._syncfs is not None:
-            fd = os.open(self._tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                self._syncfs(fd)
+            with synced_around(self._syncfs, self._tmp):
                 for tmp, final in staged:
                     self._rename(tmp, final)
-                self._syncfs(fd)
-            finally:
-                os.close(fd)
         else:
             folders = {self._rename(tmp, final) for tmp, final in staged}
             for folder in folders:
