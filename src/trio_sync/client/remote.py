@@ -26,6 +26,7 @@ from ..protocol.models import (
     MAX_HASHES_PER_QUERY,
     CommitRequest,
     FileEntry,
+    Incoming,
     check_hash,
 )
 from ..protocol.sse import ServerSentEvent, SSEParser
@@ -161,16 +162,29 @@ class Remote:
             raise ProtocolError(f"/chunks: unexpected answer {e!r}") from None
 
     async def fetch_chunks(
-        self, hashes: list[str], on_frame: Callable[[Frame], Awaitable[None]], *, compress: bool
+        self,
+        hashes: list[str],
+        on_frame: Callable[[Frame], Awaitable[None]],
+        *,
+        compress: bool,
+        wait: float = 0.0,
     ) -> None:
-        """Stream the named chunks; *on_frame* gets each as it arrives (the caller verifies)."""
+        """Stream the named chunks; *on_frame* gets each as it arrives (the caller verifies).
+        With *wait*, the server waits up to that many seconds for chunks still on their way
+        to it before it calls them missing."""
         parser = FrameParser()
-        body = {"hashes": hashes, "compress": compress}
+        body: dict[str, Any] = {"hashes": hashes, "compress": compress}
+        if wait:
+            body["wait"] = wait
         async with self._stream("POST", "/chunks/fetch", json=body) as pieces:
             async for piece in pieces:
                 for frame in parser.feed(piece):
                     await on_frame(frame)
         parser.close()
+
+    async def announce(self, incoming: Incoming) -> None:
+        """Tell the other clients that this file's upload starts now."""
+        await self._request("POST", "/announce", json=incoming.to_json())
 
     async def commit_many(self, requests: list[CommitRequest]) -> list[FileEntry | RemoteError]:
         """Commit a batch; each result is the new entry or the error for that one change."""

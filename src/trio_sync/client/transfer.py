@@ -17,7 +17,8 @@ import stat
 import time
 import unicodedata
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar, TypeVarTuple, Unpack
@@ -28,12 +29,27 @@ from ..core.compression import pack, unpack
 from ..core.durable import unlink_quietly
 from ..core.hashing import hash_bytes
 from ..core.offload import Offload
-from ..errors import LocalChanged, ProtocolError, TrioSyncError, single_error
-from ..protocol.frames import RAW, Frame
-from ..protocol.models import DIR, Chunk, CommitRequest, FileEntry
+from ..errors import (
+    LocalChanged,
+    ProtocolError,
+    RemoteError,
+    TrioSyncError,
+    single_error,
+)
+from ..protocol.frames import MISSING, RAW, Frame
+from ..protocol.models import (
+    ANNOUNCE_MIN_SIZE,
+    DIR,
+    MAX_ANNOUNCED_CHUNKS,
+    Chunk,
+    CommitRequest,
+    FileEntry,
+    Incoming,
+)
 from .batching import Batches, ByteBudget
 from .index import BaseEntry, Index, StatKey
 from .landing import Landing, check_unchanged, place
+from .remote import Remote
 from .scanner import LocalFile, dir_key, local_path, stat_key
 
 log = logging.getLogger("trio_sync.client")
@@ -53,6 +69,11 @@ SEND_WITHOUT_ASKING = 64 * 1024
 #: Where those partial files live, and how long one is kept if nothing resumes it.
 PARTIAL_DIR = "partial"
 PARTIAL_KEEP_SECONDS = 24 * 3600
+#: Fetching ahead of a commit: chunk bytes asked for per request, and how long the server may
+#: hold a request open for chunks the uploader has not sent yet (then we ask again, or stop if
+#: nothing came).
+AHEAD_WINDOW = 8 * 1024 * 1024
+AHEAD_WAIT = 20.0
 Ts = TypeVarTuple("Ts")
 
 
@@ -125,6 +146,7 @@ class Transfer:
         state_dir: Path,
         index: Index,
         batches: Batches,
+        remote: Remote,
         offload: Offload,
         client_name: str,
         parking: Parking,
@@ -138,6 +160,7 @@ class Transfer:
         self.partial_dir = state_dir / PARTIAL_DIR
         self.index = index
         self.batches = batches
+        self._remote = remote
         self._offload = offload
         self._name = client_name
         self._parking = parking
@@ -146,6 +169,12 @@ class Transfer:
         self._compress = compress
         self._umask = _umask()
         self._names = itertools.count()
+        #: Partial files a download or a fetch-ahead is working on; set when it is done.
+        self._claims: dict[Path, trio.Event] = {}
+        #: Offsets of partial files (by inode) that this process wrote and verified.
+        self._held: dict[Path, tuple[int, set[int]]] = {}
+        #: The fetch-ahead running for each path, cancelled if a newer version is announced.
+        self._ahead: dict[str, trio.CancelScope] = {}
 
     async def _thread(self, fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> T:
         return await self._offload.run_sync(fn, *args)
@@ -167,6 +196,7 @@ class Transfer:
         if missing and local.stat.size <= SEND_WITHOUT_ASKING:
             await self._send_small(local, missing)
         elif missing:
+            await self._announce(local)
             fd = await self._thread(self._open_to_read, local.path)
             try:
                 await self._send_chunks(fd, local, missing)
@@ -189,6 +219,18 @@ class Transfer:
         )
         await self.index.put(BaseEntry.synced(entry, local.stat, we_wrote_it=False))
         return entry
+
+    async def _announce(self, local: LocalFile) -> None:
+        """Tell the other clients a big upload starts, so that they can fetch as it arrives.
+        Only a head start: an old server, or a refusal, changes nothing else."""
+        if local.stat.size < ANNOUNCE_MIN_SIZE or len(local.chunks) > MAX_ANNOUNCED_CHUNKS:
+            return
+        try:
+            await self._remote.announce(
+                Incoming(local.path, local.hash, local.stat.size, local.chunks)
+            )
+        except (RemoteError, ProtocolError) as e:
+            log.debug("could not announce %s: %s", local.path, e)
 
     async def _send_small(self, local: LocalFile, missing: set[str]) -> None:
         """A small file's chunks are opened, read and packed in one thread call: most files in
@@ -282,29 +324,133 @@ class Transfer:
         if entry.size <= SMALL_DOWNLOAD and parked is None and not any(sources.values()):
             return await self._download_small(entry, expected)
         fetched = 0
-        try:
-            fd = await self._open_work(work, parked)
+        # A fetch-ahead of this very content may be filling the partial file: its chunks are
+        # all on the server now, so it ends soon, and what it wrote is kept.
+        async with self._claim(work):
             try:
-                needed = await self._thread(self._fill_locally, fd, entry, sources)
-                if needed:
-                    # A concurrent local deletion may have parked the whole file meanwhile.
-                    parked = self._parking.take(entry.hash)
-                    if parked is not None:
+                fd, held = await self._open_work(work, parked)
+                try:
+                    needed = await self._thread(
+                        self._fill_locally, fd, entry.chunks, entry.size, sources, held
+                    )
+                    if needed:
+                        # A concurrent local deletion may have parked the whole file meanwhile.
+                        parked = self._parking.take(entry.hash)
+                        if parked is not None:
+                            os.close(fd)
+                            fd = -1
+                            fd, held = await self._open_work(work, parked)
+                            needed = await self._thread(
+                                self._fill_locally, fd, entry.chunks, entry.size, {}, held
+                            )
+                    fetched = await self._fetch_chunks(fd, entry, needed)
+                    await self._thread(self._finish_file, fd, entry)
+                finally:
+                    if fd >= 0:
                         os.close(fd)
-                        fd = -1
-                        fd = await self._open_work(work, parked)
-                        needed = await self._thread(self._fill_locally, fd, entry, {})
-                fetched = await self._fetch_chunks(fd, entry, needed)
-                await self._thread(self._finish_file, fd, entry)
+                final = await self._thread(self._place, work, entry.path, expected)
+                self._held.pop(work, None)
             finally:
-                if fd >= 0:
-                    os.close(fd)
-            final = await self._thread(self._place, work, entry.path, expected)
-        finally:
-            if not resumable:
-                with trio.CancelScope(shield=True):
-                    await self._thread(unlink_quietly, work)
+                if not resumable:
+                    self._held.pop(work, None)
+                    with trio.CancelScope(shield=True):
+                        await self._thread(unlink_quietly, work)
         await self.index.put(BaseEntry.synced(entry, final, we_wrote_it=True))
+        return fetched
+
+    @asynccontextmanager
+    async def _claim(self, work: Path) -> AsyncIterator[None]:
+        """Work on partial file *work* alone (after whoever has it now)."""
+        while (busy := self._claims.get(work)) is not None:
+            await busy.wait()
+        done = self._claims[work] = trio.Event()
+        try:
+            yield
+        finally:
+            del self._claims[work]
+            done.set()
+
+    async def fetch_ahead(self, incoming: Incoming) -> int:
+        """Fetch the chunks of a file another client is uploading into its partial file, as
+        they reach the server, so that its download has little left to do when the commit
+        comes. Stops when the chunks stop coming. Returns the bytes fetched."""
+        work = self.partial_dir / partial_name(incoming.path, incoming.hash)
+        base = self.index.get(incoming.path)
+        if incoming.size < RESUME_MIN_SIZE or work in self._claims:
+            return 0
+        if base is not None and base.hash == incoming.hash:
+            return 0  # we have it already (a repeated announcement)
+        older = self._ahead.get(incoming.path)
+        if older is not None:
+            older.cancel()  # that version will not be committed: its uploader moved on
+        with trio.CancelScope() as scope:
+            self._ahead[incoming.path] = scope
+            try:
+                await self._drop_stale_partials(incoming.path, work)
+                async with self._claim(work):
+                    sources = {c.hash: self.index.chunk_sources(c.hash) for c in incoming.chunks}
+                    fd, held = await self._open_work(work, None)
+                    try:
+                        needed = await self._thread(
+                            self._fill_locally, fd, incoming.chunks, incoming.size, sources, held
+                        )
+                        return await self._fetch_arriving(fd, needed, held)
+                    finally:
+                        os.close(fd)
+            finally:
+                if self._ahead.get(incoming.path) is scope:
+                    del self._ahead[incoming.path]
+        return 0  # cancelled by a newer version's announcement
+
+    async def _drop_stale_partials(self, path: str, keep: Path) -> None:
+        """A new version of *path* is coming: partial files of its older ones are stale (a
+        growing log would otherwise leave one per announced upload). One still in use is
+        dropped once its user is done with it."""
+        pattern = f"{_partial_prefix(path)}*.part"
+        found = await self._thread(lambda: list(self.partial_dir.glob(pattern)))
+        for other in found:
+            if other != keep:
+                async with self._claim(other):
+                    self._held.pop(other, None)
+                    await self._thread(unlink_quietly, other)
+
+    async def _fetch_arriving(
+        self, fd: int, needed: dict[str, tuple[int, list[int]]], held: set[int]
+    ) -> int:
+        fetched = 0
+        got: set[str] = set()
+
+        async def arrived(frame: Frame) -> None:
+            nonlocal fetched
+            if frame.encoding == MISSING or frame.hash not in needed or frame.hash in got:
+                return
+            chunk_size, offsets = needed[frame.hash]
+            await self._thread(_write_fetched, fd, frame, chunk_size, offsets)
+            held.update(offsets)
+            got.add(frame.hash)
+            fetched += len(frame.payload)
+
+        pending = list(needed)  # in file order, the order the uploader sends them
+        while pending:
+            window: list[str] = []
+            size = 0
+            for hash in pending:
+                if window and size + needed[hash][0] > AHEAD_WINDOW:
+                    break
+                window.append(hash)
+                size += needed[hash][0]
+            before = len(got)
+
+            await self._budget.acquire(size)
+            try:
+                await self._remote.fetch_chunks(
+                    window, arrived, compress=self._compress, wait=AHEAD_WAIT
+                )
+            finally:
+                self._budget.release(size)
+            if len(got) == before:
+                break  # the upload stopped (or was never going to send these)
+            pending = [h for h in pending if h not in got]
         return fetched
 
     async def _download_small(self, entry: FileEntry, expected: LocalFile | None) -> int:
@@ -350,31 +496,43 @@ class Transfer:
         # The state folder's tmp/ is emptied at start and only this process writes there.
         return self.tmp_dir / f"{next(self._names)}.part"
 
-    async def _open_work(self, work: Path, parked: Path | None) -> int:
-        """Open the file a download is built in; a parked copy of the content becomes it."""
+    async def _open_work(self, work: Path, parked: Path | None) -> tuple[int, set[int]]:
+        """Open the file a download is built in (a parked copy of the content becomes it), with
+        the offsets in it this process already wrote and verified."""
 
-        def open_() -> int:
+        def open_() -> tuple[int, int]:
             if parked is not None:
                 with contextlib.suppress(FileNotFoundError):
                     os.rename(parked, work)
-            return os.open(work, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            fd = os.open(work, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            return fd, os.fstat(fd).st_ino
 
-        return await self._thread(open_)
+        fd, inode = await self._thread(open_)
+        known = self._held.get(work)
+        if known is None or known[0] != inode:  # another file than the one we wrote
+            known = self._held[work] = (inode, set())
+        return fd, known[1]
 
     def _fill_locally(
-        self, fd: int, entry: FileEntry, sources: dict[str, list[tuple[str, int]]]
+        self,
+        fd: int,
+        chunks: tuple[Chunk, ...],
+        size: int,
+        sources: dict[str, list[tuple[str, int]]],
+        held: set[int],
     ) -> dict[str, tuple[int, list[int]]]:
         """Put every chunk the work file does not hold yet and the folder has in place.
-        Returns what is left to fetch: hash -> (size, offsets)."""
+        Returns what is left to fetch: hash -> (size, offsets). *held* names offsets known
+        to be in place already, and gains those put there now."""
         resumed = os.fstat(fd).st_size > 0
-        os.ftruncate(fd, entry.size)
+        os.ftruncate(fd, size)
         needed: dict[str, tuple[int, list[int]]] = {}
         opened: dict[str, int | None] = {}
         try:
             offset = 0
-            for chunk in entry.chunks:
-                if resumed and _holds(fd, chunk, offset):
-                    pass
+            for chunk in chunks:
+                if resumed and (offset in held or _holds(fd, chunk, offset)):
+                    held.add(offset)
                 elif chunk.hash in needed:
                     needed[chunk.hash][1].append(offset)
                 else:
@@ -383,6 +541,7 @@ class Transfer:
                         needed[chunk.hash] = (chunk.size, [offset])
                     else:
                         _write_all(fd, data, offset)
+                        held.add(offset)
                 offset += chunk.size
         finally:
             for source_fd in opened.values():
@@ -562,7 +721,11 @@ def remove_parked_name(
 
 def partial_name(path: str, content_hash: str) -> str:
     """The resumable partial download of *content_hash* for *path* (in the partial folder)."""
-    return f"{hash_bytes(path.encode())[:24]}-{content_hash[:24]}.part"
+    return f"{_partial_prefix(path)}{content_hash[:24]}.part"
+
+
+def _partial_prefix(path: str) -> str:
+    return f"{hash_bytes(path.encode())[:24]}-"
 
 
 def normalize_name(root: Path, rel: str, client: str) -> str:

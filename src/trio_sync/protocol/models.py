@@ -28,12 +28,21 @@ MAX_CHUNK_SIZE = 16 * 1024 * 1024
 MAX_HASHES_PER_QUERY = 10_000
 #: The most chunks one `POST /chunks/fetch` may ask for.
 MAX_FETCH = 4096
+#: The longest a `POST /chunks/fetch` may wait for chunks that are not stored yet, in seconds.
+MAX_FETCH_WAIT = 30.0
 #: The most commits one `POST /commits` may carry.
 MAX_COMMITS = 1000
 #: The most chunks one file version may have (about 1 TiB at the average chunk size).
 MAX_CHUNKS = 1_048_576
 #: Names sent in headers (client name) are bounded and printable.
 MAX_NAME_LEN = 64
+#: Files at least this big are announced before their chunks are sent (`POST /announce`), so
+#: that other clients can fetch them while the rest is still arriving. Smaller files take less
+#: time to upload than an announcement saves.
+ANNOUNCE_MIN_SIZE = 8 * 1024 * 1024
+#: An announcement lists at most this many chunks (8 GiB at the average size); it goes to every
+#: connected client as one event, so it stays small. Bigger files are simply not announced.
+MAX_ANNOUNCED_CHUNKS = 16_384
 
 FILE = "file"
 DIR = "dir"
@@ -226,3 +235,45 @@ class CommitRequest:
             executable=_bool(data, "executable"),
             mtime_ns=_int(data, "mtime_ns"),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A file version a client has started to upload (`POST /announce`, then `event: incoming`).
+
+    Not a change: nothing is committed, and the upload may never finish. Other clients may fetch
+    its chunks ahead of the commit, into a partial file of their own; only the commit's `change`
+    event makes them place it.
+    """
+
+    path: str
+    hash: str
+    size: int
+    chunks: tuple[Chunk, ...]
+    origin: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "hash": self.hash,
+            "size": self.size,
+            "chunks": [c.to_json() for c in self.chunks],
+            "origin": self.origin,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> Incoming:
+        if not isinstance(data, dict):
+            raise ProtocolError("an announcement is a JSON object")
+        path = check_path(data.get("path"))  # type: ignore[arg-type]
+        raw = data.get("chunks")
+        if not isinstance(raw, list) or not 0 < len(raw) <= MAX_ANNOUNCED_CHUNKS:
+            raise ProtocolError(f"'chunks' must be a list of 1 to {MAX_ANNOUNCED_CHUNKS} chunks")
+        chunks = tuple(Chunk.from_json(c) for c in raw)
+        size = _int(data, "size")
+        if size != sum(c.size for c in chunks):
+            raise ProtocolError("'size' is not the sum of the chunk sizes")
+        origin = data.get("origin", "")
+        if not isinstance(origin, str) or len(origin) > MAX_NAME_LEN:
+            raise ProtocolError("'origin' must be a client name")
+        return cls(path, check_hash(data.get("hash")), size, chunks, origin)

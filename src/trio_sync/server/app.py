@@ -16,6 +16,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from ..core.compression import pack, unpack
+from ..core.hashing import content_hash
 from ..core.offload import Offload
 from ..errors import Conflict, InvalidPath, ProtocolError, StoreError
 from ..protocol.frames import MEDIA_TYPE, MISSING, RAW, Frame, FrameParser, frame_header
@@ -25,9 +26,11 @@ from ..protocol.models import (
     MAX_CHUNK_SIZE,
     MAX_COMMITS,
     MAX_FETCH,
+    MAX_FETCH_WAIT,
     MAX_HASHES_PER_QUERY,
     CommitRequest,
     FileEntry,
+    Incoming,
     check_hash,
     check_name,
 )
@@ -182,6 +185,7 @@ def create_app(
         if len(data) > MAX_CHUNK_SIZE:
             return _error(413, "too_large", f"a chunk is at most {MAX_CHUNK_SIZE} bytes")
         await blobs.put(hash, data)
+        hub.chunks_landed()
         return _json({"stored": hash}, status=201)
 
     @app.get("/chunks/<hash>")
@@ -230,7 +234,20 @@ def create_app(
                     failure = e  # raised below, outside the nursery's exception group
             if failure is not None:
                 raise failure
+        if stored:
+            hub.chunks_landed()  # now durable and readable: fetches waiting for them go on
         return _json({"stored": stored, "rejected": rejected})
+
+    @app.post("/announce")
+    async def announce() -> Response:
+        """A client starts uploading a file: tell the others, who may fetch ahead."""
+        incoming = Incoming.from_json(await _json_body())
+        if await cpu(content_hash, incoming.chunks) != incoming.hash:
+            raise ProtocolError("'hash' does not match the chunk list")
+        origin = _client_name()
+        data = json.dumps({**incoming.to_json(), "origin": origin})
+        hub.announce(origin, format_event(data, event="incoming"))
+        return _json({"streams": len(hub.subscribers)})
 
     @app.post("/chunks/fetch")
     async def fetch_chunks() -> Response:
@@ -241,13 +258,32 @@ def create_app(
             raise ProtocolError(f"'hashes' must be a list of at most {MAX_FETCH}")
         wanted = [check_hash(h) for h in hashes]
         compress = bool(body.get("compress", False))
+        wait = body.get("wait", 0)
+        if (
+            isinstance(wait, bool)
+            or not isinstance(wait, int | float)
+            or not 0 <= wait <= MAX_FETCH_WAIT
+        ):
+            raise ProtocolError(f"'wait' must be 0 to {MAX_FETCH_WAIT} seconds")
+        deadline = trio.current_time() + wait
 
         async def frames() -> AsyncIterator[bytes]:
             # Small frames go out together: every write costs as much as a few KiB of data.
             pieces: list[bytes] = []
             size = 0
             for hash in wanted:
+                landings = hub.landings
                 data = await blobs.get(hash)
+                while data is None and trio.current_time() < deadline and not hub.closed:
+                    # Announced and still being uploaded: send what is ready, wait for the rest.
+                    if pieces:
+                        yield b"".join(pieces)
+                        pieces.clear()
+                        size = 0
+                    with trio.move_on_at(deadline):
+                        await hub.wait_landed_after(landings)
+                    landings = hub.landings
+                    data = await blobs.get(hash)
                 if data is None:
                     pieces.append(frame_header(hash, MISSING, 0))
                 else:
@@ -343,6 +379,7 @@ def create_app(
                 hello = {"server_id": server_id, "rev": hub.latest_rev}
                 yield b"retry: 2000\n" + format_event(json.dumps(hello), event="hello")
                 position = start
+                seen = hub.announce_seq  # announcements are news, never replayed
                 while not hub.closed:
                     batch = await meta.changes_since(position, EVENT_PAGE)
                     if batch:
@@ -353,8 +390,12 @@ def create_app(
                         )
                         position = batch[-1].rev
                         continue
+                    news, seen = hub.announced_since(seen, name)
+                    if news:
+                        yield b"".join(news)
+                        continue
                     with trio.move_on_after(keepalive) as idle:
-                        await hub.wait_beyond(position)
+                        await hub.wait_beyond(position, seen)
                     if idle.cancelled_caught:
                         yield format_comment("keep-alive")
             finally:

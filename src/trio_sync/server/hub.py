@@ -1,12 +1,19 @@
-"""Wakes event streams when a new revision is committed.
+"""Wakes event streams when a new revision is committed, and carries announcements.
 
 The change log itself is the MetaStore's `versions` table: each subscriber reads from its own cursor
-in bounded pages, so a slow subscriber costs a cursor, not a growing queue.
+in bounded pages, so a slow subscriber costs a cursor, not a growing queue. Announcements of
+uploads in progress are not in the log: the hub keeps the last few, and a stream that falls
+further behind than that simply misses some (they only let other clients start early).
 """
 
 from __future__ import annotations
 
+from collections import deque
+
 import trio
+
+#: Announcements kept for streams that were busy when they arrived.
+ANNOUNCEMENTS_KEPT = 8
 
 
 class ChangeHub:
@@ -16,6 +23,10 @@ class ChangeHub:
         self._closed = False
         self.subscribers: dict[int, str] = {}
         self._next_id = 0
+        self._announced: deque[tuple[int, str, bytes]] = deque(maxlen=ANNOUNCEMENTS_KEPT)
+        self._announce_seq = 0
+        self._landings = 0
+        self._landed = trio.Event()
 
     @property
     def latest_rev(self) -> int:
@@ -34,15 +45,54 @@ class ChangeHub:
         """Server shutdown: every waiting stream returns and ends its response."""
         self._closed = True
         self._wake()
+        self.chunks_landed()
 
     def _wake(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def wait_beyond(self, rev: int) -> None:
-        """Return once a revision newer than *rev* exists, or the hub is closed."""
+    async def wait_beyond(self, rev: int, seen: int | None = None) -> None:
+        """Return once a revision newer than *rev* exists, an announcement newer than *seen*
+        (if given), or the hub is closed."""
         while self._latest <= rev and not self._closed:
+            if seen is not None and self._announce_seq > seen:
+                return
             await self._changed.wait()
+
+    # -- uploads in progress ----------------------------------------------------------------
+
+    @property
+    def announce_seq(self) -> int:
+        return self._announce_seq
+
+    def announce(self, origin: str, event: bytes) -> None:
+        """Pass *event* (framed SSE bytes) to every stream but *origin*'s."""
+        self._announce_seq += 1
+        self._announced.append((self._announce_seq, origin, event))
+        self._wake()
+
+    def announced_since(self, seen: int, reader: str) -> tuple[list[bytes], int]:
+        """The announcements after *seen* that *reader* did not make, and the new position."""
+        events = [e for seq, origin, e in self._announced if seq > seen and origin != reader]
+        return events, self._announce_seq
+
+    @property
+    def landings(self) -> int:
+        """How many times chunks have landed; pass it to `wait_landed_after`."""
+        return self._landings
+
+    def chunks_landed(self) -> None:
+        """New chunks are stored and readable."""
+        self._landings += 1
+        self._landed.set()
+        self._landed = trio.Event()
+
+    async def wait_landed_after(self, landings: int) -> None:
+        """Return once chunks landed after the count *landings* was read, or the hub closed."""
+        while self._landings == landings and not self._closed:
+            await self._landed.wait()
+
+    # -- streams ----------------------------------------------------------------------------
 
     def subscribe(self, name: str) -> int:
         self._next_id += 1

@@ -1,0 +1,259 @@
+"""Fetching ahead: a big upload is announced, and other clients fetch its chunks as they reach
+the server, so that little is left to do when the commit comes."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from httpx_sse import aconnect_sse
+
+from trio_sync.client.transfer import PARTIAL_DIR, partial_name
+from trio_sync.core.hashing import content_hash, cut, hash_bytes
+from trio_sync.protocol.frames import MISSING, RAW, FrameParser, frame_header
+from trio_sync.protocol.models import MAX_ANNOUNCED_CHUNKS, Chunk
+from trio_sync.protocol.paths import STATE_DIR_NAME
+
+from .conftest import TOKEN, ServerHandle, eventually, traffic
+
+Start = Callable[..., Any]
+MiB = 1024 * 1024
+SLACK = 64 * 1024
+
+
+def http(server: ServerHandle, name: str = "tester") -> httpx.AsyncClient:
+    headers = {"Authorization": f"Bearer {TOKEN}", "X-Trio-Sync-Client": name}
+    return httpx.AsyncClient(base_url=server.url, headers=headers, timeout=30)
+
+
+def chunked(content: bytes) -> list[tuple[Chunk, bytes]]:
+    return [
+        (Chunk(hash_bytes(content[o : o + n]), n), content[o : o + n])
+        for o, n in cut(memoryview(content), final=True)
+    ]
+
+
+def announcement(path: str, pieces: list[tuple[Chunk, bytes]]) -> dict[str, Any]:
+    chunks = [c for c, _ in pieces]
+    return {
+        "path": path,
+        "hash": content_hash(chunks),
+        "size": sum(c.size for c in chunks),
+        "chunks": [[c.hash, c.size] for c in chunks],
+    }
+
+
+async def upload(client: httpx.AsyncClient, pieces: list[tuple[Chunk, bytes]]) -> None:
+    body = b"".join(frame_header(c.hash, RAW, c.size) + data for c, data in pieces)
+    response = await client.post("/chunks", content=body)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["stored"]) == len(pieces)
+
+
+async def commit(client: httpx.AsyncClient, path: str, pieces: list[tuple[Chunk, bytes]]) -> None:
+    body = {**announcement(path, pieces), "base_rev": 0, "mtime_ns": 1_700_000_000 * 10**9}
+    response = await client.post("/commit", json=body)
+    assert response.status_code == 200, response.text
+
+
+async def fetch(
+    client: httpx.AsyncClient, hashes: list[str], **extra: Any
+) -> list[tuple[str, str]]:
+    response = await client.post("/chunks/fetch", json={"hashes": hashes, **extra})
+    assert response.status_code == 200, response.text
+    parser = FrameParser()
+    frames = [(f.hash, f.encoding) for f in parser.feed(response.content)]
+    parser.close()
+    return frames
+
+
+Events = list[tuple[str, str, dict[str, Any]]]
+
+
+async def follow(
+    server: ServerHandle,
+    name: str,
+    events: Events,
+    changes: int,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Record the events of a `/sync` stream opened as client *name*, until *changes* changes."""
+    async with (
+        http(server, name) as client,
+        aconnect_sse(client, "GET", "/sync") as source,
+        aclosing(source.aiter_sse()) as stream,
+    ):
+        async for event in stream:
+            if event.event == "hello":
+                task_status.started()
+                continue
+            events.append((event.event, event.id, event.json()))
+            if sum(e == "change" for e, _, _ in events) == changes:
+                return
+
+
+# -- the wire ---------------------------------------------------------------------------------
+
+
+async def test_an_announcement_goes_to_the_other_streams_as_an_event_without_id(
+    server: ServerHandle,
+) -> None:
+    pieces = chunked(random.Random(1).randbytes(3 * MiB))
+    seen: dict[str, Events] = {"A": [], "B": []}
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            for name, events in seen.items():
+                await nursery.start(follow, server, name, events, 1)
+            async with http(server, "A") as a:
+                response = await a.post("/announce", json=announcement("big.bin", pieces))
+                assert response.status_code == 200, response.text
+                await upload(a, pieces)
+                await commit(a, "big.bin", pieces)
+    (incoming, change) = seen["B"]
+    assert incoming[:2] == ("incoming", "")
+    assert incoming[2]["hash"] == announcement("big.bin", pieces)["hash"]
+    assert (incoming[2]["path"], incoming[2]["origin"]) == ("big.bin", "A")
+    assert change[0] == "change"
+    assert [e for e, _, _ in seen["A"]] == ["change"]  # the announcer is not told its own news
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"hash": "0" * 64},
+        {"path": "../escape.bin"},
+        {"path": "/etc/passwd"},
+        {"size": 5},
+        {"chunks": []},
+        {"chunks": [["0" * 64, 1]] * (MAX_ANNOUNCED_CHUNKS + 1)},
+    ],
+    ids=["hash", "dotdot", "absolute", "size", "no-chunks", "too-many-chunks"],
+)
+async def test_bad_announcements_are_refused(server: ServerHandle, damage: dict[str, Any]) -> None:
+    pieces = chunked(random.Random(2).randbytes(MiB))
+    async with http(server) as client:
+        response = await client.post("/announce", json={**announcement("f.bin", pieces), **damage})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "bad_request"
+
+
+async def test_a_fetch_may_wait_for_chunks_that_are_still_on_their_way(
+    server: ServerHandle,
+) -> None:
+    (first, second) = [chunked(random.Random(seed).randbytes(200_000)) for seed in (3, 4)]
+    wanted = [first[0][0].hash, second[0][0].hash]
+    async with http(server) as client:
+        await upload(client, first)
+        # Without a wait, what is not stored is missing at once.
+        assert await fetch(client, wanted) == [(wanted[0], RAW), (wanted[1], MISSING)]
+        got: list[tuple[str, str]] = []
+
+        async def waiting() -> None:
+            got.extend(await fetch(client, wanted, wait=20))
+
+        with trio.fail_after(15):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(waiting)
+                await trio.sleep(0.3)
+                assert not got
+                await upload(client, second)
+        assert got == [(wanted[0], RAW), (wanted[1], RAW)]
+        # A wait runs out: the chunk is called missing.
+        absent = "f" * 64
+        with trio.fail_after(10):
+            assert await fetch(client, [absent], wait=0.2) == [(absent, MISSING)]
+
+
+@pytest.mark.parametrize("wait", [-1, 31, "5", True])
+async def test_a_fetch_wait_is_bounded(server: ServerHandle, wait: object) -> None:
+    async with http(server) as client:
+        response = await client.post("/chunks/fetch", json={"hashes": ["f" * 64], "wait": wait})
+    assert response.status_code == 400
+
+
+# -- the clients ------------------------------------------------------------------------------
+
+
+async def test_a_client_announces_a_big_upload_before_it_commits_it(
+    start_client: Start, server: ServerHandle, tmp_path: Path
+) -> None:
+    big = random.Random(5).randbytes(12 * MiB)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a/big.bin").write_bytes(big)
+    (tmp_path / "a/small.bin").write_bytes(random.Random(6).randbytes(MiB))
+    events: Events = []
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(follow, server, "watcher", events, 2)
+            await start_client("a")
+    kinds = [e for e, _, _ in events]
+    incoming = [(d["path"], d["hash"], d["origin"]) for e, _, d in events if e == "incoming"]
+    committed = next(d for e, _, d in events if e == "change" and d["path"] == "big.bin")
+    assert incoming == [("big.bin", committed["hash"], "a")]  # the small file is not announced
+    assert kinds.index("incoming") < events.index(("change", str(committed["rev"]), committed))
+
+
+async def test_a_client_fetches_an_announced_upload_as_it_arrives(
+    start_client: Start, server: ServerHandle, tmp_path: Path
+) -> None:
+    content = random.Random(7).randbytes(16 * MiB)
+    pieces = chunked(content)
+    half = len(pieces) // 2
+    b = tmp_path / "b"
+    await start_client("b")
+    async with http(server, "A") as a:
+        start = await traffic(server)
+        assert (await a.post("/announce", json=announcement("big.bin", pieces))).status_code == 200
+        await upload(a, pieces[:half])
+        first = sum(c.size for c, _ in pieces[:half])
+        await wait_for_bytes_out(server, start, first)
+        await upload(a, pieces[half:])  # B's fetch was waiting for these
+        await wait_for_bytes_out(server, start, len(content))
+        partial = (
+            b
+            / STATE_DIR_NAME
+            / PARTIAL_DIR
+            / partial_name("big.bin", content_hash([c for c, _ in pieces]))
+        )
+        assert partial.read_bytes() == content
+        before_commit = await traffic(server)
+        await commit(a, "big.bin", pieces)
+    await eventually(lambda: (b / "big.bin").exists() and (b / "big.bin").read_bytes() == content)
+    after = await traffic(server)
+    # The download found every chunk in place: only the event and no chunk crossed the wire.
+    assert after["bytes_out"] - before_commit["bytes_out"] < SLACK
+    assert not partial.exists()
+
+
+async def wait_for_bytes_out(server: ServerHandle, start: dict[str, Any], at_least: int) -> None:
+    with trio.fail_after(20):
+        while (await traffic(server))["bytes_out"] - start["bytes_out"] < at_least:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+
+
+async def test_a_newer_announcement_stops_the_older_one_and_drops_its_partial_file(
+    start_client: Start, server: ServerHandle, tmp_path: Path
+) -> None:
+    partials = tmp_path / "b" / STATE_DIR_NAME / PARTIAL_DIR
+    old, new = [chunked(random.Random(seed).randbytes(10 * MiB)) for seed in (8, 9)]
+    await start_client("b")
+    async with http(server, "A") as a:
+        # The uploader sends half of a version, then the file changes and it starts over.
+        start = await traffic(server)
+        await a.post("/announce", json=announcement("log.bin", old))
+        await upload(a, old[:2])
+        await wait_for_bytes_out(server, start, sum(c.size for c, _ in old[:2]))
+        # B is now waiting for the rest of that version, which never comes.
+        start = await traffic(server)
+        await a.post("/announce", json=announcement("log.bin", new))
+        await upload(a, new)
+        await wait_for_bytes_out(server, start, sum(c.size for c, _ in new))
+    name = partial_name("log.bin", content_hash([c for c, _ in new]))
+    await eventually(lambda: [p.name for p in partials.iterdir()] == [name], timeout=5)
