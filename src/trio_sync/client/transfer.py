@@ -69,9 +69,9 @@ SEND_WITHOUT_ASKING = 64 * 1024
 #: Where those partial files live, and how long one is kept if nothing resumes it.
 PARTIAL_DIR = "partial"
 PARTIAL_KEEP_SECONDS = 24 * 3600
-#: Fetching ahead of a commit: chunk bytes asked for per request, and how long the server may
-#: hold a request open for chunks the uploader has not sent yet (then we ask again, or stop if
-#: nothing came).
+#: Fetching ahead of a commit: chunk bytes asked for per request (they arrive one by one), and
+#: how long the server may hold a request open for chunks the uploader has not sent yet (then
+#: we ask again, or stop if nothing came).
 AHEAD_WINDOW = 8 * 1024 * 1024
 AHEAD_WAIT = 20.0
 Ts = TypeVarTuple("Ts")
@@ -425,7 +425,13 @@ class Transfer:
             if frame.encoding == MISSING or frame.hash not in needed or frame.hash in got:
                 return
             chunk_size, offsets = needed[frame.hash]
-            await self._thread(_write_fetched, fd, frame, chunk_size, offsets)
+            # Counted while it is decoded and written, not while the server waits for it: a
+            # fetch-ahead must not hold back the downloads of files already committed.
+            await self._budget.acquire(chunk_size)
+            try:
+                await self._thread(_write_fetched, fd, frame, chunk_size, offsets)
+            finally:
+                self._budget.release(chunk_size)
             held.update(offsets)
             got.add(frame.hash)
             fetched += len(frame.payload)
@@ -440,14 +446,9 @@ class Transfer:
                 window.append(hash)
                 size += needed[hash][0]
             before = len(got)
-
-            await self._budget.acquire(size)
-            try:
-                await self._remote.fetch_chunks(
-                    window, arrived, compress=self._compress, wait=AHEAD_WAIT
-                )
-            finally:
-                self._budget.release(size)
+            await self._remote.fetch_chunks(
+                window, arrived, compress=self._compress, wait=AHEAD_WAIT
+            )
             if len(got) == before:
                 break  # the upload stopped (or was never going to send these)
             pending = [h for h in pending if h not in got]
