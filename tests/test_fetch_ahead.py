@@ -180,7 +180,7 @@ async def test_a_fetch_wait_is_bounded(server: ServerHandle, wait: object) -> No
 # -- the clients ------------------------------------------------------------------------------
 
 
-async def test_a_client_announces_a_big_upload_before_it_commits_it(
+async def test_a_client_announces_a_big_upload_before_it_commits_it_and_not_a_small_edit(
     start_client: Start, server: ServerHandle, tmp_path: Path
 ) -> None:
     big = random.Random(5).randbytes(12 * MiB)
@@ -191,13 +191,20 @@ async def test_a_client_announces_a_big_upload_before_it_commits_it(
 
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            await nursery.start(follow, server, "watcher", events, 2)
+            await nursery.start(follow, server, "watcher", events, 3)
             await start_client("a")
+            # An edit that sends one chunk of the big file is not worth announcing.
+            with (tmp_path / "a/big.bin").open("r+b") as f:
+                f.seek(6 * MiB)
+                f.write(b"edited")
     kinds = [e for e, _, _ in events]
     incoming = [(d["path"], d["hash"], d["origin"]) for e, _, d in events if e == "incoming"]
     committed = next(d for e, _, d in events if e == "change" and d["path"] == "big.bin")
     assert incoming == [("big.bin", committed["hash"], "a")]  # the small file is not announced
     assert kinds.index("incoming") < events.index(("change", str(committed["rev"]), committed))
+    edit = events[-1]
+    assert (edit[0], edit[2]["path"]) == ("change", "big.bin")
+    assert edit[2]["hash"] != committed["hash"]
 
 
 async def test_a_client_fetches_an_announced_upload_as_it_arrives(
@@ -257,3 +264,25 @@ async def test_a_newer_announcement_stops_the_older_one_and_drops_its_partial_fi
         await wait_for_bytes_out(server, start, sum(c.size for c, _ in new))
     name = partial_name("log.bin", content_hash([c for c, _ in new]))
     await eventually(lambda: [p.name for p in partials.iterdir()] == [name], timeout=5)
+
+
+async def test_a_file_fetched_ahead_whose_commit_never_comes_is_dropped_in_time(
+    start_client: Start, server: ServerHandle, tmp_path: Path
+) -> None:
+    partials = tmp_path / "b" / STATE_DIR_NAME / PARTIAL_DIR
+    given_up, later = [chunked(random.Random(seed).randbytes(9 * MiB)) for seed in (10, 11)]
+    await start_client("b", ahead_keep_seconds=0.3)
+    async with http(server, "A") as a:
+        # An upload that is never committed (given up, or committed under another name).
+        start = await traffic(server)
+        await a.post("/announce", json=announcement("abandoned.bin", given_up))
+        await upload(a, given_up)
+        await wait_for_bytes_out(server, start, sum(c.size for c, _ in given_up))
+        abandoned = partial_name("abandoned.bin", content_hash([c for c, _ in given_up]))
+        assert [p.name for p in partials.iterdir()] == [abandoned]
+        await trio.sleep(1.0)
+        # The next announcement finds it too old.
+        await a.post("/announce", json=announcement("other.bin", later))
+        await upload(a, later)
+    kept = partial_name("other.bin", content_hash([c for c, _ in later]))
+    await eventually(lambda: [p.name for p in partials.iterdir()] == [kept], timeout=5)

@@ -62,3 +62,7 @@ class ClientConfig:
     settle_seconds: float = 1.0
     #: The event stream is considered dead after this long without a byte (keep-alives are 15 s).
     stream_idle_timeout: float = 45.0
+    #: A file fetched ahead of its commit (another client announced its upload) is dropped if
+    #: the commit has not come this many seconds after the fetching stopped: the upload was given
+    #: up, or committed under another name after a conflict.
+    ahead_keep_seconds: float = 3600.0

@@ -166,6 +166,7 @@ class Engine:
             self._budget,
             landing,
             compress=self.config.compress,
+            ahead_keep_seconds=self.config.ahead_keep_seconds,
         )
 
     # -- the two modes ----------------------------------------------------------------------
@@ -192,8 +193,8 @@ class Engine:
                                 )
                             )
                             await nursery.start(self._listen, remote)
-                            await self._start_workers(nursery, remote, ahead=True)
-                            nursery.start_soon(self._housekeeping)
+                            transfer = await self._start_workers(nursery, remote, ahead=True)
+                            nursery.start_soon(self._housekeeping, transfer)
                             await self._mark_all()
                             await self.queue.wait_idle()
                             log.info("in sync with %s", self.config.server_url)
@@ -386,9 +387,10 @@ class Engine:
                 if any("/".join(parts[:i]) in folders for i in range(1, len(parts))):
                     self.queue.mark(known)
 
-    async def _housekeeping(self) -> None:
+    async def _housekeeping(self, transfer: Transfer) -> None:
         while True:
             await trio.sleep(RETRY_FAILED_EVERY)
+            await transfer.drop_stale_ahead()
             self.queue.mark_many(list(self.failed))
             for spot in self._parking.expired():
                 await self._io.run_sync(unlink_quietly, spot)
@@ -397,7 +399,7 @@ class Engine:
 
     async def _start_workers(
         self, nursery: trio.Nursery, remote: Remote, *, ahead: bool = False
-    ) -> None:
+    ) -> Transfer:
         nursery.start_soon(self.queue.run_deferred)
         batches = Batches(remote, compress=self.config.compress)
         await nursery.start(batches.run)
@@ -412,6 +414,7 @@ class Engine:
             nursery.start_soon(self._fetch_ahead, transfer, announced)
         for _ in range(self.config.workers):
             nursery.start_soon(self._worker, transfer)
+        return transfer
 
     async def _worker(self, transfer: Transfer) -> None:
         while True:

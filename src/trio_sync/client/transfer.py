@@ -154,6 +154,7 @@ class Transfer:
         landing: Landing,
         *,
         compress: bool,
+        ahead_keep_seconds: float = 3600.0,
     ) -> None:
         self.root = root
         self.tmp_dir = state_dir / "tmp"
@@ -175,6 +176,10 @@ class Transfer:
         self._held: dict[Path, tuple[int, set[int]]] = {}
         #: The fetch-ahead running for each path, cancelled if a newer version is announced.
         self._ahead: dict[str, trio.CancelScope] = {}
+        #: Partial files filled ahead that no download has claimed yet, and when their filling
+        #: stopped; dropped after *ahead_keep_seconds*.
+        self._ahead_filled: dict[Path, float] = {}
+        self._ahead_keep = ahead_keep_seconds
 
     async def _thread(self, fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> T:
         return await self._offload.run_sync(fn, *args)
@@ -196,7 +201,7 @@ class Transfer:
         if missing and local.stat.size <= SEND_WITHOUT_ASKING:
             await self._send_small(local, missing)
         elif missing:
-            await self._announce(local)
+            await self._announce(local, missing)
             fd = await self._thread(self._open_to_read, local.path)
             try:
                 await self._send_chunks(fd, local, missing)
@@ -220,10 +225,12 @@ class Transfer:
         await self.index.put(BaseEntry.synced(entry, local.stat, we_wrote_it=False))
         return entry
 
-    async def _announce(self, local: LocalFile) -> None:
+    async def _announce(self, local: LocalFile, missing: set[str]) -> None:
         """Tell the other clients a big upload starts, so that they can fetch as it arrives.
-        Only a head start: an old server, or a refusal, changes nothing else."""
-        if local.stat.size < ANNOUNCE_MIN_SIZE or len(local.chunks) > MAX_ANNOUNCED_CHUNKS:
+        Only a head start: an old server, or a refusal, changes nothing else. An edit that
+        sends a few chunks of a big file is not worth the chunk list it would cost."""
+        sending = sum(c.size for c in local.chunks if c.hash in missing)
+        if sending < ANNOUNCE_MIN_SIZE or len(local.chunks) > MAX_ANNOUNCED_CHUNKS:
             return
         try:
             await self._remote.announce(
@@ -327,6 +334,7 @@ class Transfer:
         # A fetch-ahead of this very content may be filling the partial file: its chunks are
         # all on the server now, so it ends soon, and what it wrote is kept.
         async with self._claim(work):
+            self._ahead_filled.pop(work, None)
             try:
                 fd, held = await self._open_work(work, parked)
                 try:
@@ -380,6 +388,7 @@ class Transfer:
             return 0
         if base is not None and base.hash == incoming.hash:
             return 0  # we have it already (a repeated announcement)
+        await self.drop_stale_ahead()
         older = self._ahead.get(incoming.path)
         if older is not None:
             older.cancel()  # that version will not be committed: its uploader moved on
@@ -397,10 +406,21 @@ class Transfer:
                         return await self._fetch_arriving(fd, needed, held)
                     finally:
                         os.close(fd)
+                        self._ahead_filled[work] = trio.current_time()
             finally:
                 if self._ahead.get(incoming.path) is scope:
                     del self._ahead[incoming.path]
         return 0  # cancelled by a newer version's announcement
+
+    async def drop_stale_ahead(self) -> None:
+        """Drop the files fetched ahead whose commit has not come in time."""
+        limit = trio.current_time() - self._ahead_keep
+        for work in [w for w, when in self._ahead_filled.items() if when <= limit]:
+            async with self._claim(work):
+                if self._ahead_filled.pop(work, None) is None:
+                    continue  # a download took it meanwhile
+                self._held.pop(work, None)
+                await self._thread(unlink_quietly, work)
 
     async def _drop_stale_partials(self, path: str, keep: Path) -> None:
         """A new version of *path* is coming: partial files of its older ones are stale (a
@@ -411,6 +431,7 @@ class Transfer:
         for other in found:
             if other != keep:
                 async with self._claim(other):
+                    self._ahead_filled.pop(other, None)
                     self._held.pop(other, None)
                     await self._thread(unlink_quietly, other)
 

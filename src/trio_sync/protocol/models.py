@@ -36,9 +36,9 @@ MAX_COMMITS = 1000
 MAX_CHUNKS = 1_048_576
 #: Names sent in headers (client name) are bounded and printable.
 MAX_NAME_LEN = 64
-#: Files at least this big are announced before their chunks are sent (`POST /announce`), so
-#: that other clients can fetch them while the rest is still arriving. Smaller files take less
-#: time to upload than an announcement saves.
+#: Uploads of at least this many chunk bytes are announced before the chunks are sent (`POST
+#: /announce`), so that other clients can fetch them while the rest is still arriving. Smaller
+#: ones take less time to upload than an announcement saves.
 ANNOUNCE_MIN_SIZE = 8 * 1024 * 1024
 #: An announcement lists at most this many chunks (8 GiB at the average size); it goes to every
 #: connected client as one event, so it stays small. Bigger files are simply not announced.
