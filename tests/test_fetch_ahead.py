@@ -20,7 +20,7 @@ from trio_sync.protocol.frames import MISSING, RAW, FrameParser, frame_header
 from trio_sync.protocol.models import MAX_ANNOUNCED_CHUNKS, Chunk
 from trio_sync.protocol.paths import STATE_DIR_NAME
 
-from .conftest import TOKEN, ServerHandle, eventually, traffic
+from .conftest import TOKEN, ServerHandle, eventually, in_sync, traffic
 
 Start = Callable[..., Any]
 MiB = 1024 * 1024
@@ -286,3 +286,28 @@ async def test_a_file_fetched_ahead_whose_commit_never_comes_is_dropped_in_time(
         await upload(a, later)
     kept = partial_name("other.bin", content_hash([c for c, _ in later]))
     await eventually(lambda: [p.name for p in partials.iterdir()] == [kept], timeout=5)
+
+
+async def test_big_files_replaced_while_uploading_converge_and_leave_no_partial_files(
+    start_client: Start, tmp_path: Path
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    await start_client("a")
+    await start_client("b")
+    rng = random.Random(12)
+    for round in range(4):
+        # Each version replaces the last before its upload can finish (new content each time,
+        # so every one is announced), then one is left to settle.
+        for _ in range(3):
+            part = a / f"v{round}.tmp"
+            part.write_bytes(rng.randbytes(12 * MiB))
+            part.rename(a / "disk.img")
+            await trio.sleep(0.05)
+        (a / f"other{round}.bin").write_bytes(rng.randbytes(9 * MiB))
+    await in_sync(a, b, timeout=60)
+    partials = b / STATE_DIR_NAME / PARTIAL_DIR
+    try:
+        await eventually(lambda: not list(partials.iterdir()), timeout=10)
+    except trio.TooSlowError:
+        left = sorted(p.name for p in partials.iterdir())
+        raise AssertionError(f"partial files left behind: {left}") from None

@@ -298,20 +298,29 @@ class Engine:
         """Fetch announced uploads while they arrive; their downloads, once committed, find
         the work done. A failure here only loses the head start."""
 
-        async def one(item: Incoming, slot: trio.Semaphore) -> None:
+        slots = trio.Semaphore(AHEAD_AT_ONCE)
+        waiting = 0
+
+        async def one(item: Incoming, scope: trio.CancelScope) -> None:
+            nonlocal waiting
             try:
-                fetched = await transfer.fetch_ahead(item)
+                async with slots:
+                    waiting -= 1
+                    fetched = await transfer.fetch_ahead(item, scope)  # at once if superseded
                 log.debug("fetched %d bytes of %s ahead of its commit", fetched, item.path)
             except (TrioSyncError, OSError) as e:
                 log.debug("fetching %s ahead stopped: %s", item.path, e)
-            finally:
-                slot.release()
 
-        slots = trio.Semaphore(AHEAD_AT_ONCE)
         async with incoming, trio.open_nursery() as nursery:
             async for item in incoming:
-                await slots.acquire()
-                nursery.start_soon(one, item, slots)
+                if waiting >= AHEAD_QUEUE:
+                    continue  # only a head start: not worth a growing backlog
+                # Planned here, as each arrives, so that a newer version cancels an older one
+                # at once, even one still waiting for a slot.
+                scope = transfer.plan_ahead(item)
+                if scope is not None:
+                    waiting += 1
+                    nursery.start_soon(one, item, scope)
 
     def _live_remote_below(self, path: str) -> list[str]:
         assert self.remote_state is not None

@@ -358,12 +358,14 @@ class Transfer:
                         os.close(fd)
                 final = await self._thread(self._place, work, entry.path, expected)
                 self._held.pop(work, None)
+                # Recorded before the claim ends: a fetch-ahead of this version waiting for it
+                # must see that the file is here, or it would fill a new partial file.
+                await self.index.put(BaseEntry.synced(entry, final, we_wrote_it=True))
             finally:
                 if not resumable:
                     self._held.pop(work, None)
                     with trio.CancelScope(shield=True):
                         await self._thread(unlink_quietly, work)
-        await self.index.put(BaseEntry.synced(entry, final, we_wrote_it=True))
         return fetched
 
     @asynccontextmanager
@@ -378,25 +380,35 @@ class Transfer:
             del self._claims[work]
             done.set()
 
-    async def fetch_ahead(self, incoming: Incoming) -> int:
+    def plan_ahead(self, incoming: Incoming) -> trio.CancelScope | None:
+        """Whether to fetch *incoming* ahead: the cancel scope to run `fetch_ahead` in, or None.
+        Called in the order the announcements arrive: a newer version of a path cancels the
+        fetch-ahead of the older one, whose uploader has moved on."""
+        work = self.partial_dir / partial_name(incoming.path, incoming.hash)
+        if incoming.size < RESUME_MIN_SIZE or work in self._claims or self._have(incoming):
+            return None
+        older = self._ahead.get(incoming.path)
+        if older is not None:
+            older.cancel()
+        scope = self._ahead[incoming.path] = trio.CancelScope()
+        return scope
+
+    def _have(self, incoming: Incoming) -> bool:
+        base = self.index.get(incoming.path)
+        return base is not None and base.hash == incoming.hash
+
+    async def fetch_ahead(self, incoming: Incoming, scope: trio.CancelScope) -> int:
         """Fetch the chunks of a file another client is uploading into its partial file, as
         they reach the server, so that its download has little left to do when the commit
         comes. Stops when the chunks stop coming. Returns the bytes fetched."""
         work = self.partial_dir / partial_name(incoming.path, incoming.hash)
-        base = self.index.get(incoming.path)
-        if incoming.size < RESUME_MIN_SIZE or work in self._claims:
-            return 0
-        if base is not None and base.hash == incoming.hash:
-            return 0  # we have it already (a repeated announcement)
-        await self.drop_stale_ahead()
-        older = self._ahead.get(incoming.path)
-        if older is not None:
-            older.cancel()  # that version will not be committed: its uploader moved on
-        with trio.CancelScope() as scope:
-            self._ahead[incoming.path] = scope
+        with scope:
             try:
+                await self.drop_stale_ahead()
                 await self._drop_stale_partials(incoming.path, work)
                 async with self._claim(work):
+                    if self._have(incoming):
+                        return 0  # committed and downloaded while we waited for the file
                     sources = {c.hash: self.index.chunk_sources(c.hash) for c in incoming.chunks}
                     fd, held = await self._open_work(work, None)
                     try:
@@ -410,7 +422,7 @@ class Transfer:
             finally:
                 if self._ahead.get(incoming.path) is scope:
                     del self._ahead[incoming.path]
-        return 0  # cancelled by a newer version's announcement
+        return 0  # cancelled: a newer version was announced
 
     async def drop_stale_ahead(self) -> None:
         """Drop the files fetched ahead whose commit has not come in time."""
