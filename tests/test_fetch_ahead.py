@@ -170,6 +170,23 @@ async def test_a_fetch_may_wait_for_chunks_that_are_still_on_their_way(
             assert await fetch(client, [absent], wait=0.2) == [(absent, MISSING)]
 
 
+async def test_a_waiting_fetch_ends_cleanly_when_the_server_stops(server: ServerHandle) -> None:
+    absent = "e" * 64
+    got: list[tuple[str, str]] = []
+    async with http(server) as client:
+
+        async def waiting() -> None:
+            got.extend(await fetch(client, [absent], wait=30))
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(waiting)
+                await trio.sleep(0.3)
+                await server.stop()
+    assert got == [(absent, MISSING)]  # a whole answer, not one cut off at the grace period
+    await server.start()  # the fixture stops it again
+
+
 @pytest.mark.parametrize("wait", [-1, 31, "5", True])
 async def test_a_fetch_wait_is_bounded(server: ServerHandle, wait: object) -> None:
     async with http(server) as client:
