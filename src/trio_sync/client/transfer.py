@@ -427,7 +427,10 @@ class Transfer:
     async def drop_stale_ahead(self) -> None:
         """Drop the files fetched ahead whose commit has not come in time."""
         limit = trio.current_time() - self._ahead_keep
-        for work in [w for w, when in self._ahead_filled.items() if when <= limit]:
+        stale = [w for w, when in self._ahead_filled.items() if when <= limit]
+        for work in stale:
+            if work in self._claims:
+                continue  # in use again: a download takes it, or a fetch-ahead refreshes it
             async with self._claim(work):
                 if self._ahead_filled.pop(work, None) is None:
                     continue  # a download took it meanwhile
