@@ -204,6 +204,35 @@ async def test_chunk_upload_rejects_a_chunk_that_does_not_match_its_hash(
         assert [(f.encoding, f.payload) for f in frames] == [(RAW, good), ("missing", b"")]
 
 
+async def test_each_chunk_of_an_upload_is_judged_alone_whatever_its_size_or_encoding(
+    server: ServerHandle,
+) -> None:
+    text = b"compressible text " * 500
+    big = data(300_000, 1)  # sent in a frame of its own, not with the small ones
+    encoding, packed = pack(text)
+    assert encoding == ZSTD
+    frames = [
+        (hash_bytes(text), ZSTD, packed),
+        (hash_bytes(b"corrupt"), ZSTD, b"not zstd at all"),
+        (hash_bytes(b"claimed"), RAW, b"something else"),
+        (hash_bytes(big), RAW, big),
+        (hash_bytes(b"plain"), RAW, b"plain"),
+    ]
+    body = b"".join(frame_header(h, e, len(p)) + p for h, e, p in frames)
+    async with httpx.AsyncClient(
+        base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as client:
+        answer = (await client.post("/chunks", content=body)).json()
+        good = [hash_bytes(text), hash_bytes(big), hash_bytes(b"plain")]
+        assert sorted(answer["stored"]) == sorted(good)
+        assert sorted(answer["rejected"]) == sorted(
+            [hash_bytes(b"corrupt"), hash_bytes(b"claimed")]
+        )
+        fetched = await client.post("/chunks/fetch", json={"hashes": good})
+        payloads = [f.payload for f in FrameParser().feed(fetched.content)]
+        assert payloads == [text, big, b"plain"]
+
+
 async def test_a_chunk_upload_cut_short_stores_none_of_its_chunks(server: ServerHandle) -> None:
     # A request is made durable as a whole; the client sends a failed request's chunks again.
     chunks = [b"first of the request", b"second of the request"]
@@ -491,6 +520,31 @@ async def test_a_chunk_batch_lands_whole_when_it_ends(tmp_path: Path, group_sync
             assert await blobs.missing(hashes) == [h for h in hashes if h != hash_bytes(old)]
         assert await blobs.missing(hashes) == []
         assert [await blobs.get(h) for h in hashes] == contents
+    assert files_below(tmp_path / "tmp") == set()
+
+
+async def test_small_chunks_are_staged_and_read_several_at_a_time(tmp_path: Path) -> None:
+    io = Offload(2)
+    blobs = DiskBlobStore.open(tmp_path, offload=io)
+    contents = [b"a" * 100, b"b" * 200, b"c" * 300, b"d" * 400]
+    hashes = [hash_bytes(c) for c in contents]
+    wrong = hash_bytes(b"something else")
+    async with io.running():
+        async with blobs.batch() as batch:
+            refused = await batch.add_many(
+                [
+                    (hashes[0], contents[0]),
+                    (wrong, b"not it"),
+                    *zip(hashes[1:], contents[1:], strict=True),
+                ]
+            )
+        assert refused == {wrong}
+        assert await blobs.missing([*hashes, wrong]) == [wrong]
+        # Read in order until the bytes reach the limit: at least one, None where absent.
+        assert await blobs.get_some(hashes, 250) == contents[:2]
+        assert await blobs.get_some([wrong, *hashes], 1) == [None, contents[0]]
+        assert await blobs.get_some(hashes, 1) == contents[:1]
+        assert await blobs.get_some(hashes, 10_000) == contents
     assert files_below(tmp_path / "tmp") == set()
 
 

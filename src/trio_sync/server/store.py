@@ -16,7 +16,7 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -82,6 +82,11 @@ class ChunkBatch(Protocol):
         """Take one chunk; StoreError if *data* is empty, too big, or not what *hash* names."""
         ...
 
+    async def add_many(self, chunks: list[tuple[str, bytes]]) -> set[str]:
+        """Take several chunks at once (small ones: one hand-off for all); returns the hashes
+        refused, for the reasons `add` gives."""
+        ...
+
 
 class BlobStore(Protocol):
     async def missing(self, hashes: Iterable[str]) -> list[str]:
@@ -99,6 +104,11 @@ class BlobStore(Protocol):
         ...
 
     async def get(self, hash: str) -> bytes | None: ...
+    async def get_some(self, hashes: Sequence[str], max_bytes: int) -> list[bytes | None]:
+        """The first chunks of *hashes* in order (None for one not stored): at least one, and
+        no more once they add up to *max_bytes*, so that small chunks are read together."""
+        ...
+
     async def idle_since(self, before: float) -> list[str]:
         """Chunks neither stored nor asked about since *before* (a time.time() value)."""
         ...
@@ -606,6 +616,20 @@ class DiskBlobStore:
     async def get(self, hash: str) -> bytes | None:
         return await self._offload.run_sync(self._get, hash)
 
+    async def get_some(self, hashes: Sequence[str], max_bytes: int) -> list[bytes | None]:
+        def read() -> list[bytes | None]:
+            found: list[bytes | None] = []
+            total = 0
+            for hash in hashes:
+                data = self._get(hash)
+                found.append(data)
+                total += len(data) if data is not None else 0
+                if total >= max_bytes:
+                    break
+            return found
+
+        return await self._offload.run_sync(read)
+
 
 class _DiskBatch:
     def __init__(
@@ -620,6 +644,27 @@ class _DiskBatch:
         staged = await self._offload.run_sync(self._stage, hash, data)
         if staged is not None:
             self.staged.append(staged)
+
+    async def add_many(self, chunks: list[tuple[str, bytes]]) -> set[str]:
+        def stage_all() -> tuple[list[tuple[str, str]], set[str]]:
+            staged: list[tuple[str, str]] = []
+            refused: set[str] = set()
+            for hash, data in chunks:
+                try:
+                    one = self._stage(hash, data)
+                except StoreError:
+                    refused.add(hash)
+                    continue
+                except BaseException:
+                    _unlink_all(staged)  # the batch never hears of them
+                    raise
+                if one is not None:
+                    staged.append(one)
+            return staged, refused
+
+        staged, refused = await self._offload.run_sync(stage_all)
+        self.staged.extend(staged)
+        return refused
 
 
 def _unlink_all(staged: list[tuple[str, str]]) -> None:
