@@ -328,3 +328,27 @@ async def test_big_files_replaced_while_uploading_converge_and_leave_no_partial_
     except trio.TooSlowError:
         left = sorted(p.name for p in partials.iterdir())
         raise AssertionError(f"partial files left behind: {left}") from None
+
+
+async def test_files_fetched_ahead_are_still_known_after_a_reconnection(
+    start_client: Start, server: ServerHandle, tmp_path: Path
+) -> None:
+    partials = tmp_path / "b" / STATE_DIR_NAME / PARTIAL_DIR
+    given_up, later = [chunked(random.Random(seed).randbytes(9 * MiB)) for seed in (13, 14)]
+    await start_client("b", ahead_keep_seconds=0.3)
+    async with http(server, "A") as a:
+        start = await traffic(server)
+        await a.post("/announce", json=announcement("abandoned.bin", given_up))
+        await upload(a, given_up)
+        await wait_for_bytes_out(server, start, sum(c.size for c, _ in given_up))
+    await server.stop()
+    await server.start()  # B reconnects, with a new connection's worth of transfer machinery
+    async with http(server, "A") as a:
+        with trio.fail_after(10):
+            while "b" not in (await a.get("/info")).json()["clients"]:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        await trio.sleep(1.0)
+        await a.post("/announce", json=announcement("other.bin", later))
+        await upload(a, later)
+    kept = partial_name("other.bin", content_hash([c for c, _ in later]))
+    await eventually(lambda: [p.name for p in partials.iterdir()] == [kept], timeout=5)

@@ -56,6 +56,7 @@ from .transfer import (
     PARTIAL_KEEP_SECONDS,
     FolderNotEmpty,
     Parking,
+    PartialFiles,
     Transfer,
     normalize_name,
 )
@@ -100,6 +101,7 @@ class Engine:
         #: Where the event listener hands announced uploads to be fetched ahead (live mode).
         self._ahead: trio.MemorySendChannel[Incoming] | None = None
         self._parking = Parking(self.state_dir / "tmp")
+        self._partials = PartialFiles(config.ahead_keep_seconds)
         #: Chunk bytes all workers together may hold in memory at once.
         self._budget = ByteBudget(config.memory_budget)
         #: When we first saw a file still being written (see ClientConfig.settle_seconds).
@@ -165,8 +167,8 @@ class Engine:
             self._parking,
             self._budget,
             landing,
+            self._partials,
             compress=self.config.compress,
-            ahead_keep_seconds=self.config.ahead_keep_seconds,
         )
 
     # -- the two modes ----------------------------------------------------------------------

@@ -139,6 +139,33 @@ class Parking:
         return [self._files.pop(h)[0] for h in old]
 
 
+class PartialFiles:
+    """What this process knows of the partial files of big downloads. The engine keeps one for
+    the whole run: each connection has its own Transfer, and a reconnection must not forget."""
+
+    def __init__(self, keep_ahead: float) -> None:
+        #: A download or fetch-ahead working on the file; set when it is done with it.
+        self.claims: dict[Path, trio.Event] = {}
+        #: Offsets (by inode) that this process wrote and verified.
+        self.held: dict[Path, tuple[int, set[int]]] = {}
+        #: Filled ahead of a commit, not claimed by a download since: when the filling stopped.
+        #: Dropped *keep_ahead* seconds after.
+        self.filled_ahead: dict[Path, float] = {}
+        self.keep_ahead = keep_ahead
+
+    @asynccontextmanager
+    async def claim(self, work: Path) -> AsyncIterator[None]:
+        """Work on partial file *work* alone (after whoever has it now)."""
+        while (busy := self.claims.get(work)) is not None:
+            await busy.wait()
+        done = self.claims[work] = trio.Event()
+        try:
+            yield
+        finally:
+            del self.claims[work]
+            done.set()
+
+
 class Transfer:
     def __init__(
         self,
@@ -152,9 +179,9 @@ class Transfer:
         parking: Parking,
         budget: ByteBudget,
         landing: Landing,
+        partials: PartialFiles,
         *,
         compress: bool,
-        ahead_keep_seconds: float = 3600.0,
     ) -> None:
         self.root = root
         self.tmp_dir = state_dir / "tmp"
@@ -170,16 +197,9 @@ class Transfer:
         self._compress = compress
         self._umask = _umask()
         self._names = itertools.count()
-        #: Partial files a download or a fetch-ahead is working on; set when it is done.
-        self._claims: dict[Path, trio.Event] = {}
-        #: Offsets of partial files (by inode) that this process wrote and verified.
-        self._held: dict[Path, tuple[int, set[int]]] = {}
+        self._partials = partials
         #: The fetch-ahead running for each path, cancelled if a newer version is announced.
         self._ahead: dict[str, trio.CancelScope] = {}
-        #: Partial files filled ahead that no download has claimed yet, and when their filling
-        #: stopped; dropped after *ahead_keep_seconds*.
-        self._ahead_filled: dict[Path, float] = {}
-        self._ahead_keep = ahead_keep_seconds
 
     async def _thread(self, fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> T:
         return await self._offload.run_sync(fn, *args)
@@ -333,8 +353,8 @@ class Transfer:
         fetched = 0
         # A fetch-ahead of this very content may be filling the partial file: its chunks are
         # all on the server now, so it ends soon, and what it wrote is kept.
-        async with self._claim(work):
-            self._ahead_filled.pop(work, None)
+        async with self._partials.claim(work):
+            self._partials.filled_ahead.pop(work, None)
             try:
                 fd, held = await self._open_work(work, parked)
                 try:
@@ -357,35 +377,23 @@ class Transfer:
                     if fd >= 0:
                         os.close(fd)
                 final = await self._thread(self._place, work, entry.path, expected)
-                self._held.pop(work, None)
+                self._partials.held.pop(work, None)
                 # Recorded before the claim ends: a fetch-ahead of this version waiting for it
                 # must see that the file is here, or it would fill a new partial file.
                 await self.index.put(BaseEntry.synced(entry, final, we_wrote_it=True))
             finally:
                 if not resumable:
-                    self._held.pop(work, None)
+                    self._partials.held.pop(work, None)
                     with trio.CancelScope(shield=True):
                         await self._thread(unlink_quietly, work)
         return fetched
-
-    @asynccontextmanager
-    async def _claim(self, work: Path) -> AsyncIterator[None]:
-        """Work on partial file *work* alone (after whoever has it now)."""
-        while (busy := self._claims.get(work)) is not None:
-            await busy.wait()
-        done = self._claims[work] = trio.Event()
-        try:
-            yield
-        finally:
-            del self._claims[work]
-            done.set()
 
     def plan_ahead(self, incoming: Incoming) -> trio.CancelScope | None:
         """Whether to fetch *incoming* ahead: the cancel scope to run `fetch_ahead` in, or None.
         Called in the order the announcements arrive: a newer version of a path cancels the
         fetch-ahead of the older one, whose uploader has moved on."""
         work = self.partial_dir / partial_name(incoming.path, incoming.hash)
-        if incoming.size < RESUME_MIN_SIZE or work in self._claims or self._have(incoming):
+        if incoming.size < RESUME_MIN_SIZE or work in self._partials.claims or self._have(incoming):
             return None
         older = self._ahead.get(incoming.path)
         if older is not None:
@@ -406,7 +414,7 @@ class Transfer:
             try:
                 await self.drop_stale_ahead()
                 await self._drop_stale_partials(incoming.path, work)
-                async with self._claim(work):
+                async with self._partials.claim(work):
                     if self._have(incoming):
                         return 0  # committed and downloaded while we waited for the file
                     sources = {c.hash: self.index.chunk_sources(c.hash) for c in incoming.chunks}
@@ -418,7 +426,7 @@ class Transfer:
                         return await self._fetch_arriving(fd, needed, held)
                     finally:
                         os.close(fd)
-                        self._ahead_filled[work] = trio.current_time()
+                        self._partials.filled_ahead[work] = trio.current_time()
             finally:
                 if self._ahead.get(incoming.path) is scope:
                     del self._ahead[incoming.path]
@@ -426,15 +434,15 @@ class Transfer:
 
     async def drop_stale_ahead(self) -> None:
         """Drop the files fetched ahead whose commit has not come in time."""
-        limit = trio.current_time() - self._ahead_keep
-        stale = [w for w, when in self._ahead_filled.items() if when <= limit]
+        limit = trio.current_time() - self._partials.keep_ahead
+        stale = [w for w, when in self._partials.filled_ahead.items() if when <= limit]
         for work in stale:
-            if work in self._claims:
+            if work in self._partials.claims:
                 continue  # in use again: a download takes it, or a fetch-ahead refreshes it
-            async with self._claim(work):
-                if self._ahead_filled.pop(work, None) is None:
+            async with self._partials.claim(work):
+                if self._partials.filled_ahead.pop(work, None) is None:
                     continue  # a download took it meanwhile
-                self._held.pop(work, None)
+                self._partials.held.pop(work, None)
                 await self._thread(unlink_quietly, work)
 
     async def _drop_stale_partials(self, path: str, keep: Path) -> None:
@@ -445,9 +453,9 @@ class Transfer:
         found = await self._thread(lambda: list(self.partial_dir.glob(pattern)))
         for other in found:
             if other != keep:
-                async with self._claim(other):
-                    self._ahead_filled.pop(other, None)
-                    self._held.pop(other, None)
+                async with self._partials.claim(other):
+                    self._partials.filled_ahead.pop(other, None)
+                    self._partials.held.pop(other, None)
                     await self._thread(unlink_quietly, other)
 
     async def _fetch_arriving(
@@ -545,9 +553,9 @@ class Transfer:
             return fd, os.fstat(fd).st_ino
 
         fd, inode = await self._thread(open_)
-        known = self._held.get(work)
+        known = self._partials.held.get(work)
         if known is None or known[0] != inode:  # another file than the one we wrote
-            known = self._held[work] = (inode, set())
+            known = self._partials.held[work] = (inode, set())
         return fd, known[1]
 
     def _fill_locally(
