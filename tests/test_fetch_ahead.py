@@ -262,6 +262,22 @@ async def wait_for_bytes_out(server: ServerHandle, start: dict[str, Any], at_lea
             await trio.sleep(0.05)
 
 
+async def send_ahead(
+    server: ServerHandle,
+    a: httpx.AsyncClient,
+    path: str,
+    pieces: list[tuple[Chunk, bytes]],
+    sent: list[tuple[Chunk, bytes]] | None = None,
+) -> None:
+    """As an uploader: announce *pieces*, send them (or only *sent*), and wait until the server
+    has sent as many bytes on (to the client fetching ahead)."""
+    sent = pieces if sent is None else sent
+    start = await traffic(server)
+    assert (await a.post("/announce", json=announcement(path, pieces))).status_code == 200
+    await upload(a, sent)
+    await wait_for_bytes_out(server, start, sum(c.size for c, _ in sent))
+
+
 async def test_a_newer_announcement_stops_the_older_one_and_drops_its_partial_file(
     start_client: Start, server: ServerHandle, tmp_path: Path
 ) -> None:
@@ -270,15 +286,9 @@ async def test_a_newer_announcement_stops_the_older_one_and_drops_its_partial_fi
     await start_client("b")
     async with http(server, "A") as a:
         # The uploader sends half of a version, then the file changes and it starts over.
-        start = await traffic(server)
-        await a.post("/announce", json=announcement("log.bin", old))
-        await upload(a, old[:2])
-        await wait_for_bytes_out(server, start, sum(c.size for c, _ in old[:2]))
+        await send_ahead(server, a, "log.bin", old, old[:2])
         # B is now waiting for the rest of that version, which never comes.
-        start = await traffic(server)
-        await a.post("/announce", json=announcement("log.bin", new))
-        await upload(a, new)
-        await wait_for_bytes_out(server, start, sum(c.size for c, _ in new))
+        await send_ahead(server, a, "log.bin", new)
     name = partial_name("log.bin", content_hash([c for c, _ in new]))
     await eventually(lambda: [p.name for p in partials.iterdir()] == [name], timeout=5)
 
@@ -291,10 +301,7 @@ async def test_a_file_fetched_ahead_whose_commit_never_comes_is_dropped_in_time(
     await start_client("b", ahead_keep_seconds=0.3)
     async with http(server, "A") as a:
         # An upload that is never committed (given up, or committed under another name).
-        start = await traffic(server)
-        await a.post("/announce", json=announcement("abandoned.bin", given_up))
-        await upload(a, given_up)
-        await wait_for_bytes_out(server, start, sum(c.size for c, _ in given_up))
+        await send_ahead(server, a, "abandoned.bin", given_up)
         abandoned = partial_name("abandoned.bin", content_hash([c for c, _ in given_up]))
         assert [p.name for p in partials.iterdir()] == [abandoned]
         await trio.sleep(1.0)
@@ -337,10 +344,7 @@ async def test_files_fetched_ahead_are_still_known_after_a_reconnection(
     given_up, later = [chunked(random.Random(seed).randbytes(9 * MiB)) for seed in (13, 14)]
     await start_client("b", ahead_keep_seconds=0.3)
     async with http(server, "A") as a:
-        start = await traffic(server)
-        await a.post("/announce", json=announcement("abandoned.bin", given_up))
-        await upload(a, given_up)
-        await wait_for_bytes_out(server, start, sum(c.size for c, _ in given_up))
+        await send_ahead(server, a, "abandoned.bin", given_up)
     await server.stop()
     await server.start()  # B reconnects, with a new connection's worth of transfer machinery
     async with http(server, "A") as a:
