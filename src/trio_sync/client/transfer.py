@@ -17,6 +17,7 @@ import stat
 import time
 import unicodedata
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -480,22 +481,21 @@ class Transfer:
             got.add(frame.hash)
             fetched += len(frame.payload)
 
-        pending = list(needed)  # in file order, the order the uploader sends them
+        pending = deque(needed)  # in file order, the order the uploader sends them
         while pending:
-            window: list[str] = []
-            size = 0
-            for hash in pending:
-                if window and size + needed[hash][0] > AHEAD_WINDOW:
-                    break
-                window.append(hash)
-                size += needed[hash][0]
+            window = [pending.popleft()]
+            size = needed[window[0]][0]
+            while pending and size + needed[pending[0]][0] <= AHEAD_WINDOW:
+                size += needed[pending[0]][0]
+                window.append(pending.popleft())
             before = len(got)
             await self._remote.fetch_chunks(
                 window, arrived, compress=self._compress, wait=AHEAD_WAIT
             )
             if len(got) == before:
                 break  # the upload stopped (or was never going to send these)
-            pending = [h for h in pending if h not in got]
+            # What did not come in time is asked for first next time.
+            pending.extendleft(reversed([h for h in window if h not in got]))
         return fetched
 
     async def _download_small(self, entry: FileEntry, expected: LocalFile | None) -> int:

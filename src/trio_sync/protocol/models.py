@@ -111,6 +111,13 @@ def _chunks(data: dict[str, Any]) -> tuple[Chunk, ...]:
     return tuple(Chunk.from_json(c) for c in raw)
 
 
+def _size(data: dict[str, Any], chunks: tuple[Chunk, ...]) -> int:
+    size = _int(data, "size")
+    if size != sum(c.size for c in chunks):
+        raise ProtocolError("'size' is not the sum of the chunk sizes")
+    return size
+
+
 @dataclass(frozen=True, slots=True)
 class FileEntry:
     """One version of one path on the server; `deleted` versions are tombstones.
@@ -223,9 +230,7 @@ class CommitRequest:
         if _kind(data) == DIR:
             return cls(path=path, base_rev=base_rev, kind=DIR)
         chunks = _chunks(data)
-        size = _int(data, "size")
-        if size != sum(c.size for c in chunks):
-            raise ProtocolError("'size' is not the sum of the chunk sizes")
+        size = _size(data, chunks)
         return cls(
             path=path,
             base_rev=base_rev,
@@ -270,9 +275,7 @@ class Incoming:
         if not isinstance(raw, list) or not 0 < len(raw) <= MAX_ANNOUNCED_CHUNKS:
             raise ProtocolError(f"'chunks' must be a list of 1 to {MAX_ANNOUNCED_CHUNKS} chunks")
         chunks = tuple(Chunk.from_json(c) for c in raw)
-        size = _int(data, "size")
-        if size != sum(c.size for c in chunks):
-            raise ProtocolError("'size' is not the sum of the chunk sizes")
+        size = _size(data, chunks)
         origin = data.get("origin", "")
         if not isinstance(origin, str) or len(origin) > MAX_NAME_LEN:
             raise ProtocolError("'origin' must be a client name")
