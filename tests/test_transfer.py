@@ -30,7 +30,7 @@ from trio_sync.client.transfer import PARTIAL_DIR, partial_name, remove_parked_n
 from trio_sync.config import ClientConfig
 from trio_sync.core.compression import pack, unpack
 from trio_sync.core.durable import filesystem_type, group_syncer, syncfs
-from trio_sync.core.hashing import FileDigest, chunk_file, content_hash, cut, hash_bytes
+from trio_sync.core.hashing import Chunker, FileDigest, chunk_file, content_hash, cut, hash_bytes
 from trio_sync.core.offload import Offload
 from trio_sync.errors import (
     IncompatibleServer,
@@ -89,6 +89,28 @@ def test_streamed_chunking_cuts_like_the_whole_buffer(tmp_path: Path, size: int)
     assert digest.size == size
     assert digest.hash == content_hash(digest.chunks)
     assert all(CDC_MIN <= c.size <= CDC_MAX for c in digest.chunks[:-1])
+
+
+@pytest.mark.parametrize("step", [1, CDC_MAX, 5 * MiB])
+def test_chunking_in_steps_cuts_like_chunking_at_once(tmp_path: Path, step: int) -> None:
+    content = data(13 * MiB + 5, 12)
+    whole = digest_of(tmp_path / "f", content)
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        chunker = Chunker(fd)
+        steps = []
+        while not chunker.done:
+            offset = chunker.position
+            steps.append((offset, chunker.step(step)))
+    finally:
+        os.close(fd)
+    assert chunker.digest() == whole
+    assert [c for _, taken in steps for c in taken] == list(whole.chunks)
+    # Each step says where its chunks start, and covers at least what was asked (but the last).
+    ends = [offset for offset, _ in steps[1:]] + [len(content)]
+    for (offset, taken), following in zip(steps, ends, strict=True):
+        assert offset + sum(c.size for c in taken) == following
+        assert following - offset >= step or following == len(content)
 
 
 def test_streamed_chunking_cuts_runs_of_zeros_like_the_whole_buffer(tmp_path: Path) -> None:

@@ -58,31 +58,56 @@ def cut(data: bytes | memoryview, *, final: bool) -> list[tuple[int, int]]:
 
 def chunk_file(fd: int) -> FileDigest:
     """Chunk and hash an open file from its start (memory: one buffer, whatever the file size)."""
-    chunks: list[Chunk] = []
-    full_size = READ_SIZE + CDC_MAX
-    # Small files get a small buffer: most files in a tree are small, and zeroing a full buffer
-    # per file would cost more than hashing it.
-    buf = bytearray(min(full_size, os.fstat(fd).st_size + 1))
-    view = memoryview(buf)
-    filled = 0  # bytes of buf holding data
-    position = 0  # file offset of buf[0]
-    final = False
-    while not final:
-        if filled == len(buf):  # the file grew past our first guess
+    chunker = Chunker(fd)
+    while not chunker.done:
+        chunker.step()
+    return chunker.digest()
+
+
+class Chunker:
+    """Chunks and hashes an open file from its start, a step at a time, so that a caller can
+    act on the first chunks of a big file while the rest is still being read. Blocking."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._full_size = READ_SIZE + CDC_MAX
+        # Small files get a small buffer: most files in a tree are small, and zeroing a full
+        # buffer per file would cost more than hashing it.
+        self._buf = bytearray(min(self._full_size, os.fstat(fd).st_size + 1))
+        self._filled = 0  # bytes of the buffer holding data
+        self.position = 0  # file offset of the buffer's start: where the next chunk begins
+        self.done = False
+        self.chunks: list[Chunk] = []
+
+    def step(self, at_least: int = 0) -> list[Chunk]:
+        """Cut the next chunks, reading until they cover *at_least* bytes or the file ends."""
+        first = len(self.chunks)
+        start = self.position
+        view = memoryview(self._buf)
+        try:
+            while not self.done:
+                if self._filled == len(self._buf):  # the file grew past our first guess
+                    view.release()
+                    self._buf += bytearray(self._full_size - len(self._buf))
+                    view = memoryview(self._buf)
+                want = len(self._buf) - self._filled
+                got = os.preadv(self._fd, [view[self._filled :]], self.position + self._filled)
+                self._filled += got
+                self.done = got < want
+                used = 0
+                for offset, length in cut(view[: self._filled], final=self.done):
+                    self.chunks.append(Chunk(hash_bytes(view[offset : offset + length]), length))
+                    used = offset + length
+                # Keep the undecided tail (one chunk, less than CDC_MAX bytes) at the front.
+                view[: self._filled - used] = view[used : self._filled]
+                self._filled -= used
+                self.position += used
+                if self.position - start >= at_least:
+                    break
+        finally:
             view.release()
-            buf = buf + bytearray(full_size - len(buf))
-            view = memoryview(buf)
-        want = len(buf) - filled
-        got = os.preadv(fd, [view[filled:]], position + filled)
-        filled += got
-        final = got < want
-        used = 0
-        for offset, length in cut(view[:filled], final=final):
-            chunks.append(Chunk(hash_bytes(view[offset : offset + length]), length))
-            used = offset + length
-        # Keep the undecided tail (one chunk, less than CDC_MAX bytes) at the front of the buffer.
-        view[: filled - used] = view[used:filled]
-        filled -= used
-        position += used
-    view.release()
-    return FileDigest(content_hash(chunks), position, tuple(chunks))
+        return self.chunks[first:]
+
+    def digest(self) -> FileDigest:
+        assert self.done
+        return FileDigest(content_hash(self.chunks), self.position, tuple(self.chunks))
