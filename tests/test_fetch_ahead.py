@@ -14,6 +14,7 @@ import pytest
 import trio
 from httpx_sse import aconnect_sse
 
+from trio_sync.client.early import EARLY_MIN_SIZE
 from trio_sync.client.transfer import PARTIAL_DIR, partial_name
 from trio_sync.core.hashing import content_hash, cut, hash_bytes
 from trio_sync.protocol.frames import MISSING, RAW, FrameParser, frame_header
@@ -312,8 +313,16 @@ async def test_a_file_fetched_ahead_whose_commit_never_comes_is_dropped_in_time(
     await eventually(lambda: [p.name for p in partials.iterdir()] == [kept], timeout=5)
 
 
+@pytest.mark.parametrize(
+    ("size", "pause"),
+    [
+        (12 * MiB, 0.05),
+        # Big enough to be sent while it is hashed, and left long enough to be (client/early.py).
+        (EARLY_MIN_SIZE + 4 * MiB, 0.15),
+    ],
+)
 async def test_big_files_replaced_while_uploading_converge_and_leave_no_partial_files(
-    start_client: Start, tmp_path: Path
+    start_client: Start, tmp_path: Path, size: int, pause: float
 ) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     await start_client("a")
@@ -324,9 +333,9 @@ async def test_big_files_replaced_while_uploading_converge_and_leave_no_partial_
         # so every one is announced), then one is left to settle.
         for _ in range(3):
             part = a / f"v{round}.tmp"
-            part.write_bytes(rng.randbytes(12 * MiB))
+            part.write_bytes(rng.randbytes(size))
             part.rename(a / "disk.img")
-            await trio.sleep(0.05)
+            await trio.sleep(pause)
         (a / f"other{round}.bin").write_bytes(rng.randbytes(9 * MiB))
     await in_sync(a, b, timeout=60)
     partials = b / STATE_DIR_NAME / PARTIAL_DIR

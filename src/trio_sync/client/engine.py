@@ -46,6 +46,7 @@ from ..protocol.models import CHUNKER, DIR, FileEntry, Incoming
 from ..protocol.paths import STATE_DIR_NAME, is_valid_path
 from ..protocol.sse import ServerSentEvent
 from .batching import Batches, ByteBudget
+from .early import EarlySend
 from .index import BaseEntry, Index, is_racy
 from .landing import Landing
 from .queue import PathQueue
@@ -428,17 +429,20 @@ class Engine:
         return transfer
 
     async def _worker(self, transfer: Transfer) -> None:
-        while True:
-            path = await self.queue.get()
-            try:
-                await self._sync_path(transfer, path)
-            finally:
-                self.queue.done(path)
+        settle = self.config.settle_seconds
+        async with trio.open_nursery() as early_sends:  # this worker's head starts (early.py)
+            while True:
+                path = await self.queue.get()
+                try:
+                    with transfer.sending_early(path, early_sends, settle) as early:
+                        await self._sync_path(transfer, path, early)
+                finally:
+                    self.queue.done(path)
 
-    async def _sync_path(self, transfer: Transfer, path: str) -> None:
+    async def _sync_path(self, transfer: Transfer, path: str, early: EarlySend) -> None:
         assert self.remote_state is not None
         try:
-            await self._apply(transfer, path)
+            await self._apply(transfer, path, early)
             self.failed.pop(path, None)
             self._rechecks.pop(path, None)
         except Conflict as conflict:
@@ -511,10 +515,10 @@ class Engine:
         if self.index.get(path) is not None:
             await self.index.remove(path)
 
-    async def _apply(self, transfer: Transfer, path: str) -> None:
+    async def _apply(self, transfer: Transfer, path: str, early: EarlySend) -> None:
         assert self.remote_state is not None
         base = self.index.get(path)
-        local = await self._scanner.scan(path, base)
+        local = await self._scanner.scan(path, base, early)
         remote = self.remote_state.get(path)
         if remote is not None and remote.deleted:
             remote = None
@@ -541,7 +545,7 @@ class Engine:
             assert local is not None
             if not local.is_dir and not self._settled(local):
                 raise StillWriting(f"{path}: still being written")
-            self.remote_state[path] = await transfer.upload(local, decision.base_rev)
+            self.remote_state[path] = await transfer.upload(local, decision.base_rev, early)
             if local.is_dir:
                 log.info("created folder %s on the server (%s)", path, why)
             else:

@@ -13,13 +13,14 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.hashing import chunk_file
+from ..core.hashing import Chunker, FileDigest, chunk_file
 from ..core.ignore import IgnoreRules
 from ..core.offload import Offload
 from ..core.reconcile import Content
 from ..errors import InvalidPath, LocalChanged, TrioSyncError
 from ..protocol.models import DIR, FILE, Chunk
 from ..protocol.paths import STATE_DIR_NAME, check_path, is_valid_path
+from .early import EARLY_MIN_SIZE, EARLY_STEP, EarlySend
 from .index import BaseEntry, StatKey
 
 log = logging.getLogger("trio_sync.client")
@@ -55,8 +56,20 @@ class LocalFile:
         return Content(self.hash, self.stat.executable, self.is_dir)
 
 
+@dataclass(frozen=True, slots=True)
+class _Opened:
+    """A file to hash in steps: open, with its stat when opened."""
+
+    fd: int
+    key: StatKey
+
+
 def stat_key(st: os.stat_result) -> StatKey:
     return StatKey(st.st_size, st.st_mtime_ns, st.st_ino, bool(st.st_mode & stat.S_IXUSR))
+
+
+def _stat_fd(fd: int) -> StatKey:
+    return stat_key(os.fstat(fd))
 
 
 def dir_key(st: os.stat_result) -> StatKey:
@@ -91,11 +104,48 @@ class Scanner:
         self.denormalized: set[str] = set()
         self.ignore = IgnoreRules()
 
-    async def scan(self, path: str, base: BaseEntry | None) -> LocalFile | None:
-        """Describe *path* on disk now: None if absent; Unsyncable if it is not a regular file."""
-        return await self._offload.run_sync(self._scan, path, base)
+    async def scan(
+        self, path: str, base: BaseEntry | None, early: EarlySend | None = None
+    ) -> LocalFile | None:
+        """Describe *path* on disk now: None if absent; Unsyncable if it is not a regular file.
+        A big file that *early* wants is hashed in steps, each step's chunks handed to it."""
+        if early is None:
+            return await self._offload.run_sync(self._scan_whole, path, base)
+        for _ in range(HASH_ATTEMPTS):
+            found = await self._offload.run_sync(self._scan, path, base, EARLY_MIN_SIZE)
+            if not isinstance(found, _Opened):
+                return found
+            try:
+                if early.wants(found.key):
+                    digest = await self._hash_in_steps(found.fd, early)
+                else:
+                    digest = await self._offload.run_sync(chunk_file, found.fd)
+                after = await self._offload.run_sync(_stat_fd, found.fd)
+            finally:
+                os.close(found.fd)
+            if after == found.key and digest.size == found.key.size:
+                return LocalFile(path, found.key, digest.hash, digest.chunks)
+        raise LocalChanged(f"{path}: still changing while being read")
 
-    def _scan(self, path: str, base: BaseEntry | None) -> LocalFile | None:
+    async def _hash_in_steps(self, fd: int, early: EarlySend) -> FileDigest:
+        chunker = await self._offload.run_sync(Chunker, fd)
+        while not chunker.done:
+            offset = chunker.position
+            chunks = await self._offload.run_sync(chunker.step, EARLY_STEP)
+            if chunks:
+                early.cut(chunks, offset)
+        return chunker.digest()
+
+    def _scan_whole(self, path: str, base: BaseEntry | None) -> LocalFile | None:
+        found = self._scan(path, base, None)
+        assert not isinstance(found, _Opened)
+        return found
+
+    def _scan(
+        self, path: str, base: BaseEntry | None, open_from: int | None
+    ) -> LocalFile | _Opened | None:
+        """With *open_from*, a file of that size or more that needs hashing is returned open
+        instead (the caller closes it)."""
         full = local_path(self.root, path)
         for _ in range(HASH_ATTEMPTS):
             try:
@@ -121,9 +171,11 @@ class Scanner:
                 if e.errno == errno.ELOOP:
                     raise Unsyncable(f"{path}: symlinks are not synced") from None
                 raise
+            if open_from is not None and key.size >= open_from:
+                return _Opened(fd, key)
             try:
                 digest = chunk_file(fd)
-                after = stat_key(os.fstat(fd))
+                after = _stat_fd(fd)
             finally:
                 os.close(fd)
             if after == key and digest.size == key.size:

@@ -18,9 +18,10 @@ import time
 import unicodedata
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import TypeVar, TypeVarTuple, Unpack
 
@@ -48,6 +49,7 @@ from ..protocol.models import (
     Incoming,
 )
 from .batching import Batches, ByteBudget
+from .early import EarlySend
 from .index import BaseEntry, Index, StatKey
 from .landing import Landing, check_unchanged, place
 from .remote import Remote
@@ -207,7 +209,31 @@ class Transfer:
 
     # -- towards the server -------------------------------------------------------------------
 
-    async def upload(self, local: LocalFile, base_rev: int) -> FileEntry:
+    @contextlib.contextmanager
+    def sending_early(
+        self, path: str, nursery: trio.Nursery, settle_seconds: float
+    ) -> Iterator[EarlySend]:
+        """Scan and upload *path* inside this block to send a big file while it is hashed
+        (client/early.py), in tasks of *nursery*; what the upload did not take over is stopped
+        when the block ends."""
+        early = EarlySend(
+            path,
+            nursery,
+            self.batches,
+            self._budget,
+            self._offload,
+            open_file=partial(self._open_to_read, path),
+            read_frame=self._read_frame,
+            settle_seconds=settle_seconds,
+        )
+        try:
+            yield early
+        finally:
+            early.stop()
+
+    async def upload(
+        self, local: LocalFile, base_rev: int, early: EarlySend | None = None
+    ) -> FileEntry:
         if local.is_dir:
             entry = await self.batches.commit(
                 CommitRequest(path=local.path, base_rev=base_rev, kind=DIR)
@@ -215,6 +241,14 @@ class Transfer:
             await self.index.put(BaseEntry.synced(entry, local.stat, we_wrote_it=True))
             return entry
         unique = tuple(dict.fromkeys(c.hash for c in local.chunks))
+        announced = False
+        if early is not None and early.started:
+            # Sending began while the file was hashed: announce, let it finish, send the rest.
+            await early.asked()
+            await self._announce(local, early.lacking)
+            announced = True
+            await early.sent()
+            unique = tuple(h for h in unique if h not in early.stored)
         if local.stat.size <= SEND_WITHOUT_ASKING and not any(map(self.index.has_chunk, unique)):
             missing = set(unique)
         else:
@@ -222,7 +256,8 @@ class Transfer:
         if missing and local.stat.size <= SEND_WITHOUT_ASKING:
             await self._send_small(local, missing)
         elif missing:
-            await self._announce(local, missing)
+            if not announced:
+                await self._announce(local, missing)
             fd = await self._thread(self._open_to_read, local.path)
             try:
                 await self._send_chunks(fd, local, missing)

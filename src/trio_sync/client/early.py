@@ -1,0 +1,184 @@
+"""Sending a big file's chunks while the scanner is still cutting it.
+
+Without this, the upload of a big new version starts only once the whole file is hashed: about a
+second per GiB during which nothing moves. Chunks are content-addressed and no file version
+refers to them until a commit does, so sending them before the engine has decided to upload costs
+nothing if it then decides otherwise: the server's garbage collector takes them back.
+
+The scanner hands each step's chunks to `EarlySend.cut`; one task asks the server which of them
+it lacks, another sends those, in file order, within the shared byte budget. If the engine then
+uploads, `Transfer.upload` takes over: it waits for both, and sends only what they did not. Any
+error here only ends the head start; the upload that follows meets it again and handles it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+
+import trio
+
+from ..core.offload import Offload
+from ..errors import TrioSyncError
+from ..protocol.frames import Frame
+from ..protocol.models import Chunk
+from .batching import Batches, ByteBudget
+from .index import StatKey
+
+log = logging.getLogger("trio_sync.client")
+
+#: Files from this size on are sent while they are hashed; below it, hashing is quick anyway.
+EARLY_MIN_SIZE = 16 * 1024 * 1024
+#: Bytes the scanner cuts between two hand-overs (one thread call each).
+EARLY_STEP = 16 * 1024 * 1024
+#: Chunk sends in flight at once (each also holds its bytes in the byte budget).
+EARLY_IN_FLIGHT = 32
+
+Located = tuple[Chunk, int]  # a chunk and its offset in the file
+
+
+class EarlySend:
+    """The head start of one path's upload. Made by `Transfer.sending_early`, which owns the
+    nursery its tasks run in and stops them when the caller is done."""
+
+    def __init__(
+        self,
+        path: str,
+        nursery: trio.Nursery,
+        batches: Batches,
+        budget: ByteBudget,
+        offload: Offload,
+        *,
+        open_file: Callable[[], int],
+        read_frame: Callable[[int, Chunk, int], Frame],
+        settle_seconds: float,
+    ) -> None:
+        self.path = path
+        self._nursery = nursery
+        self._batches = batches
+        self._budget = budget
+        self._offload = offload
+        self._open_file = open_file
+        self._read_frame = read_frame
+        self._settle = settle_seconds
+        self._scope: trio.CancelScope | None = None  # set once the first chunks are cut
+        #: Chunks the server said it lacks (sent, or being sent, from here).
+        self.lacking: set[str] = set()
+        #: Chunks known to be on the server: it had them, or took them from us.
+        self.stored: set[str] = set()
+
+    @property
+    def started(self) -> bool:
+        return self._scope is not None
+
+    def wants(self, key: StatKey) -> bool:
+        """Worth it for a big file that is not being written: one still changing would not be
+        uploaded yet, and its chunks would be stale by the time it is."""
+        return key.size >= EARLY_MIN_SIZE and time.time() - key.mtime_ns / 1e9 >= self._settle
+
+    def cut(self, chunks: list[Chunk], offset: int) -> None:
+        """The scanner cut these chunks, starting at *offset*; send those the server lacks."""
+        if self._scope is None:
+            self._scope = trio.CancelScope()
+            self._cuts, cuts = trio.open_memory_channel[list[Located]](math.inf)
+            self._asked, self._sent = trio.Event(), trio.Event()
+            self._nursery.start_soon(self._run, cuts)
+        located = []
+        for chunk in chunks:
+            located.append((chunk, offset))
+            offset += chunk.size
+        self._cuts.send_nowait(located)
+
+    async def asked(self) -> None:
+        """The scan is over: wait until the server has been asked about every chunk it cut, so
+        that `lacking` is complete (unless the head start ended early)."""
+        assert self._scope is not None
+        self._cuts.close()
+        await self._asked.wait()
+
+    async def sent(self) -> None:
+        """Wait until every chunk in `lacking` was sent (or the head start ended)."""
+        assert self._scope is not None
+        self._cuts.close()
+        await self._sent.wait()
+
+    def stop(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def _run(self, cuts: trio.MemoryReceiveChannel[list[Located]]) -> None:
+        assert self._scope is not None
+        to_send, sending = trio.open_memory_channel[Located](math.inf)
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._ask, cuts, to_send)
+                    nursery.start_soon(self._send, sending)
+        except* (TrioSyncError, OSError) as group:
+            log.debug("%s: no head start: %s", self.path, group.exceptions[0])
+        finally:
+            self._asked.set()
+            self._sent.set()
+
+    async def _ask(
+        self,
+        cuts: trio.MemoryReceiveChannel[list[Located]],
+        to_send: trio.MemorySendChannel[Located],
+    ) -> None:
+        seen: set[str] = set()  # a chunk repeated in the file goes once
+        async with to_send:
+            while True:
+                try:
+                    fresh = await cuts.receive()
+                except trio.EndOfChannel:
+                    break
+                # Whatever else the scanner cut meanwhile goes in the same question.
+                while True:
+                    try:
+                        fresh += cuts.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                fresh = [(c, at) for c, at in fresh if c.hash not in seen]
+                seen.update(c.hash for c, _ in fresh)
+                if not fresh:
+                    continue
+                hashes = tuple(dict.fromkeys(c.hash for c, _ in fresh))
+                lacking = await self._batches.missing(hashes)
+                for chunk, at in fresh:
+                    if chunk.hash in lacking:
+                        self.lacking.add(chunk.hash)
+                        to_send.send_nowait((chunk, at))
+                    else:
+                        self.stored.add(chunk.hash)
+            self._asked.set()
+
+    async def _send(self, sending: trio.MemoryReceiveChannel[Located]) -> None:
+        fd: int | None = None
+        in_flight = trio.Semaphore(EARLY_IN_FLIGHT)
+        try:
+            async with trio.open_nursery() as nursery:
+                async for chunk, at in sending:
+                    if fd is None:
+                        fd = await self._offload.run_sync(self._open_file)
+                    await in_flight.acquire()
+                    await self._budget.acquire(chunk.size)
+                    nursery.start_soon(self._send_one, fd, chunk, at, in_flight)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    async def _send_one(self, fd: int, chunk: Chunk, at: int, in_flight: trio.Semaphore) -> None:
+        try:
+            frame = await self._offload.run_sync(self._read_frame, fd, chunk, at)
+            if await self._batches.put(frame):
+                self.stored.add(chunk.hash)
+            else:
+                # The file changed since that chunk was cut: the rest would be stale too.
+                assert self._scope is not None
+                self._scope.cancel()
+        finally:
+            self._budget.release(chunk.size)
+            in_flight.release()

@@ -1,0 +1,194 @@
+"""Sending a big file while it is hashed (client/early.py): the chunks go before the engine has
+decided to upload, the upload takes over without sending any of them again, and a head start
+that is not taken over, or whose file changed, ends quietly."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from trio_sync.client.batching import Batches, ByteBudget
+from trio_sync.client.early import EARLY_MIN_SIZE
+from trio_sync.client.index import Index, StatKey
+from trio_sync.client.landing import Landing
+from trio_sync.client.remote import Remote
+from trio_sync.client.scanner import LocalFile, Scanner
+from trio_sync.client.transfer import Parking, PartialFiles, Transfer
+from trio_sync.core.hashing import chunk_file
+from trio_sync.core.offload import Offload
+from trio_sync.errors import LocalChanged
+from trio_sync.protocol.paths import STATE_DIR_NAME
+
+from .conftest import TOKEN, ServerHandle, in_sync, requests_between, traffic
+
+Start = Callable[..., Any]
+MiB = 1024 * 1024
+SLACK = 64 * 1024
+SETTLE = 1.0
+
+
+def write_settled(path: Path, content: bytes) -> None:
+    """Write *content* with an mtime a minute ago: a file nobody is writing any more."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    past = time.time() - 60
+    os.utime(path, (past, past))
+
+
+@asynccontextmanager
+async def client_parts(
+    server: ServerHandle, root: Path
+) -> AsyncIterator[tuple[Transfer, Scanner, trio.Nursery]]:
+    """What a client's worker uses, made the way the engine makes them, on a real server."""
+    state = root / STATE_DIR_NAME
+    (state / "tmp").mkdir(parents=True)
+    io, db = Offload(4), Offload(1)
+    async with (
+        io.running(),
+        db.running(),
+        Remote(server.url, TOKEN, "a") as remote,
+        trio.open_nursery() as nursery,
+    ):
+        index = await Index.open(state / "index.sqlite", db)
+        batches = Batches(remote, compress=False)
+        await nursery.start(batches.run)
+        landing = Landing(root, state / "tmp", io, syncfs=None)
+        await nursery.start(landing.run)
+        transfer = Transfer(
+            root, state, index, batches, remote, io, "a", Parking(state / "tmp"),
+            ByteBudget(20 * MiB), landing, PartialFiles(3600), compress=False,
+        )  # fmt: skip
+        async with trio.open_nursery() as early_sends:
+            yield transfer, Scanner(root, io), early_sends
+        nursery.cancel_scope.cancel()
+
+
+async def server_lacks(server: ServerHandle, local: LocalFile) -> list[str]:
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        hashes = [c.hash for c in local.chunks]
+        response = await client.post(server.url + "/chunks/missing", json={"hashes": hashes})
+        missing: list[str] = response.json()["missing"]
+        return missing
+
+
+def open_fds_to(path: Path) -> list[str]:
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target == str(path):
+            found.append(fd)
+    return found
+
+
+async def test_a_big_file_is_sent_before_the_upload_and_not_again_by_it(
+    server: ServerHandle, tmp_path: Path
+) -> None:
+    root = tmp_path / "a"
+    content = random.Random(1).randbytes(40 * MiB)
+    write_settled(root / "big.bin", content)
+    async with client_parts(server, root) as (transfer, scanner, early_sends):
+        with transfer.sending_early("big.bin", early_sends, SETTLE) as early:
+            local = await scanner.scan("big.bin", None, early)
+            assert local is not None
+            # The engine has not decided anything yet; the chunks are on their way already.
+            await early.sent()
+            assert await server_lacks(server, local) == []
+            assert early.lacking == {c.hash for c in local.chunks}
+            before = await traffic(server)
+            entry = await transfer.upload(local, 0, early)
+            after = await traffic(server)
+    assert entry.hash == local.hash
+    assert requests_between(before, after, "POST /chunks") == 0
+    assert after["bytes_in"] - before["bytes_in"] < SLACK
+
+
+async def test_a_head_start_nobody_takes_over_is_stopped_and_closes_its_file(
+    server: ServerHandle, tmp_path: Path
+) -> None:
+    root = tmp_path / "a"
+    write_settled(root / "big.bin", random.Random(2).randbytes(64 * MiB))
+    with trio.fail_after(20):
+        async with client_parts(server, root) as (transfer, scanner, early_sends):
+            with transfer.sending_early("big.bin", early_sends, SETTLE) as early:
+                local = await scanner.scan("big.bin", None, early)
+                assert local is not None
+                assert early.started
+            # The block is over (the engine decided not to upload): the sending stops, the
+            # file is closed, and what was not sent yet stays unsent.
+            await early.sent()
+            await trio.sleep(0.3)
+            assert open_fds_to(root / "big.bin") == []
+            assert await server_lacks(server, local) != []
+
+
+async def test_a_file_that_changed_since_it_was_cut_ends_the_head_start_quietly(
+    server: ServerHandle, tmp_path: Path
+) -> None:
+    root = tmp_path / "a"
+    hashed = random.Random(3).randbytes(24 * MiB)
+    write_settled(root / "big.bin", hashed)
+    fd = os.open(root / "big.bin", os.O_RDONLY)
+    try:
+        digest = chunk_file(fd)
+    finally:
+        os.close(fd)
+    write_settled(root / "big.bin", random.Random(4).randbytes(24 * MiB))  # same size, new bytes
+    async with client_parts(server, root) as (transfer, _, early_sends):
+        with transfer.sending_early("big.bin", early_sends, SETTLE) as early:
+            early.cut(list(digest.chunks), 0)
+            await early.sent()  # no error: only the head start ends
+            assert early.stored == set()
+            stat = os.stat(root / "big.bin")
+            key = StatKey(stat.st_size, stat.st_mtime_ns, stat.st_ino, False)
+            local = LocalFile("big.bin", key, digest.hash, digest.chunks)
+            # The upload meets the change itself, and reports it as it always did.
+            with pytest.raises(LocalChanged):
+                await transfer.upload(local, 0, early)
+
+
+@pytest.mark.parametrize(
+    ("size", "age", "wanted"),
+    [
+        (EARLY_MIN_SIZE, 60.0, True),
+        (EARLY_MIN_SIZE - 1, 60.0, False),  # small: hashed in a moment anyway
+        (EARLY_MIN_SIZE * 4, 0.0, False),  # still being written: not uploaded yet either
+    ],
+)
+async def test_only_big_files_that_are_not_being_written_are_sent_early(
+    server: ServerHandle, tmp_path: Path, size: int, age: float, wanted: bool
+) -> None:
+    async with client_parts(server, tmp_path / "a") as (transfer, _, early_sends):
+        with transfer.sending_early("f", early_sends, SETTLE) as early:
+            mtime_ns = int((time.time() - age) * 1e9)
+            assert early.wants(StatKey(size, mtime_ns, 1, False)) is wanted
+            assert not early.started
+
+
+async def test_live_clients_move_a_big_file_each_chunk_once_each_way(
+    start_client: Start, server: ServerHandle, tmp_path: Path
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    await start_client("a")
+    await start_client("b")
+    before = await traffic(server)
+    content = random.Random(5).randbytes(48 * MiB)
+    write_settled(tmp_path / "staging/big.bin", content)
+    (tmp_path / "staging").rename(a / "data")
+    await in_sync(a, b, timeout=60)
+    after = await traffic(server)
+    # Sent early while hashed, fetched ahead, then committed and placed:
+    # still each byte once in, once out.
+    assert after["bytes_in"] - before["bytes_in"] <= len(content) + SLACK
+    assert after["bytes_out"] - before["bytes_out"] <= len(content) + SLACK
