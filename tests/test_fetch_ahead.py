@@ -15,7 +15,7 @@ import trio
 from httpx_sse import aconnect_sse
 
 from trio_sync.client.early import EARLY_MIN_SIZE
-from trio_sync.client.transfer import PARTIAL_DIR, partial_name
+from trio_sync.client.transfer import AHEAD_WINDOW, PARTIAL_DIR, partial_name
 from trio_sync.core.hashing import content_hash, cut, hash_bytes
 from trio_sync.protocol.frames import MISSING, RAW, FrameParser, frame_header
 from trio_sync.protocol.models import MAX_ANNOUNCED_CHUNKS, Chunk
@@ -277,6 +277,34 @@ async def send_ahead(
     assert (await a.post("/announce", json=announcement(path, pieces))).status_code == 200
     await upload(a, sent)
     await wait_for_bytes_out(server, start, sum(c.size for c, _ in sent))
+
+
+async def test_a_fetch_ahead_asks_for_two_windows_at_once(
+    start_client: Start, server: ServerHandle, tmp_path: Path
+) -> None:
+    # The later window's chunks arrive first: B takes them while it still waits for the first
+    # window's. One request at a time would wait for the first window before asking for more.
+    content = random.Random(12).randbytes(14 * MiB)
+    pieces = chunked(content)
+    first_window = 0
+    size = 0
+    while size + pieces[first_window][0].size <= AHEAD_WINDOW:
+        size += pieces[first_window][0].size
+        first_window += 1
+    later = pieces[first_window:]
+    partial = (
+        tmp_path / "b" / STATE_DIR_NAME / PARTIAL_DIR
+        / partial_name("big.bin", content_hash([c for c, _ in pieces]))
+    )  # fmt: skip
+    await start_client("b")
+    async with http(server, "A") as a:
+        await send_ahead(server, a, "big.bin", pieces, later)
+        await eventually(lambda: partial.exists() and partial.stat().st_size == len(content))
+        with partial.open("rb") as f:
+            f.seek(size)
+            assert f.read() == content[size:]
+        await upload(a, pieces[:first_window])
+        await eventually(lambda: partial.read_bytes() == content)
 
 
 async def test_a_newer_announcement_stops_the_older_one_and_drops_its_partial_file(

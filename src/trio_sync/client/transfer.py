@@ -72,11 +72,12 @@ SEND_WITHOUT_ASKING = 64 * 1024
 #: Where those partial files live, and how long one is kept if nothing resumes it.
 PARTIAL_DIR = "partial"
 PARTIAL_KEEP_SECONDS = 24 * 3600
-#: Fetching ahead of a commit: chunk bytes asked for per request (they arrive one by one), and
-#: how long the server may hold a request open for chunks the uploader has not sent yet (then
-#: we ask again, or stop if nothing came).
+#: Fetching ahead of a commit: chunk bytes asked for per request (they arrive one by one), how
+#: long the server may hold a request open for chunks the uploader has not sent yet (then we ask
+#: again, or stop if nothing came), and how many such requests are open at once.
 AHEAD_WINDOW = 8 * 1024 * 1024
 AHEAD_WAIT = 20.0
+AHEAD_FETCHES = 2
 Ts = TypeVarTuple("Ts")
 
 
@@ -517,20 +518,35 @@ class Transfer:
             fetched += len(frame.payload)
 
         pending = deque(needed)  # in file order, the order the uploader sends them
-        while pending:
+
+        def next_window() -> list[str]:
             window = [pending.popleft()]
             size = needed[window[0]][0]
             while pending and size + needed[pending[0]][0] <= AHEAD_WINDOW:
                 size += needed[pending[0]][0]
                 window.append(pending.popleft())
-            before = len(got)
-            await self._remote.fetch_chunks(
-                window, arrived, compress=self._compress, wait=AHEAD_WAIT
-            )
-            if len(got) == before:
-                break  # the upload stopped (or was never going to send these)
-            # What did not come in time is asked for first next time.
-            pending.extendleft(reversed([h for h in window if h not in got]))
+            return window
+
+        async def fetch_windows(stop: trio.CancelScope) -> None:
+            while pending:
+                window = next_window()
+                before = len(got)
+                await self._remote.fetch_chunks(
+                    window, arrived, compress=self._compress, wait=AHEAD_WAIT
+                )
+                if len(got) == before:
+                    # Nothing came, for either window, in all that time: the upload stopped (or
+                    # was never going to send these).
+                    stop.cancel()
+                    return
+                # What did not come in time is asked for first next time.
+                pending.extendleft(reversed([h for h in window if h not in got]))
+
+        # Two windows at once: one is written while the next is on its way, so a fetch-ahead
+        # that starts behind the upload catches up.
+        async with single_error(), trio.open_nursery() as nursery:
+            for _ in range(AHEAD_FETCHES):
+                nursery.start_soon(fetch_windows, nursery.cancel_scope)
         return fetched
 
     async def _download_small(self, entry: FileEntry, expected: LocalFile | None) -> int:
