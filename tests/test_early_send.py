@@ -25,7 +25,7 @@ from trio_sync.client.scanner import LocalFile, Scanner
 from trio_sync.client.transfer import Parking, PartialFiles, Transfer
 from trio_sync.core.hashing import chunk_file
 from trio_sync.core.offload import Offload
-from trio_sync.errors import LocalChanged
+from trio_sync.errors import LocalChanged, RemoteError
 from trio_sync.protocol.paths import STATE_DIR_NAME
 
 from .conftest import TOKEN, ServerHandle, in_sync, requests_between, traffic
@@ -155,6 +155,24 @@ async def test_a_file_that_changed_since_it_was_cut_ends_the_head_start_quietly(
             local = LocalFile("big.bin", key, digest.hash, digest.chunks)
             # The upload meets the change itself, and reports it as it always did.
             with pytest.raises(LocalChanged):
+                await transfer.upload(local, 0, early)
+
+
+async def test_a_head_start_ends_quietly_when_the_server_is_gone(
+    server: ServerHandle, tmp_path: Path
+) -> None:
+    root = tmp_path / "a"
+    write_settled(root / "big.bin", random.Random(6).randbytes(24 * MiB))
+    async with client_parts(server, root) as (transfer, scanner, early_sends):
+        await server.stop()
+        with transfer.sending_early("big.bin", early_sends, SETTLE) as early:
+            local = await scanner.scan("big.bin", None, early)  # hashing does not need it
+            assert local is not None
+            with trio.fail_after(20):
+                await early.sent()
+            assert early.stored == set()
+            # The upload meets the outage itself, as it would have without the head start.
+            with pytest.raises(RemoteError):
                 await transfer.upload(local, 0, early)
 
 

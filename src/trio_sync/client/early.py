@@ -86,6 +86,8 @@ class EarlySend:
             self._cuts, cuts = trio.open_memory_channel[list[Located]](math.inf)
             self._asked, self._sent = trio.Event(), trio.Event()
             self._nursery.start_soon(self._run, cuts)
+        elif self._sent.is_set():
+            return  # the head start is over: stopped, or ended by an error
         located = []
         for chunk in chunks:
             located.append((chunk, offset))
