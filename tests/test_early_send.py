@@ -176,6 +176,30 @@ async def test_a_head_start_ends_quietly_when_the_server_is_gone(
                 await transfer.upload(local, 0, early)
 
 
+async def test_big_files_are_hashed_a_few_at_a_time(server: ServerHandle, tmp_path: Path) -> None:
+    # A worker per file, but each big file being hashed holds a read buffer: no more of them at
+    # once than there are I/O threads, as when each was hashed in one thread call.
+    root = tmp_path / "a"
+    names = [f"big{i}.bin" for i in range(12)]
+    for i, name in enumerate(names):
+        write_settled(root / name, random.Random(10 + i).randbytes(EARLY_MIN_SIZE + MiB))
+    most = 0
+    async with client_parts(server, root) as (transfer, scanner, early_sends):
+        await server.stop()  # nothing is sent: the head starts end at their first question
+
+        async def scan(name: str) -> None:
+            with transfer.sending_early(name, early_sends, SETTLE) as early:
+                assert await scanner.scan(name, None, early) is not None
+
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(scan, name)
+            while len(nursery.child_tasks) > 0:
+                most = max(most, sum(len(open_fds_to(root / name)) for name in names))
+                await trio.sleep(0.001)
+    assert 1 <= most <= 4  # the client's I/O threads, as the engine makes them
+
+
 @pytest.mark.parametrize(
     ("size", "age", "wanted"),
     [

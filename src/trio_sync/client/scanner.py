@@ -13,6 +13,8 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+import trio
+
 from ..core.hashing import Chunker, FileDigest, chunk_file
 from ..core.ignore import IgnoreRules
 from ..core.offload import Offload
@@ -57,10 +59,9 @@ class LocalFile:
 
 
 @dataclass(frozen=True, slots=True)
-class _Opened:
-    """A file to hash in steps: open, with its stat when opened."""
+class _ToHash:
+    """A big file that needs hashing, with its stat when looked at; the caller hashes it."""
 
-    fd: int
     key: StatKey
 
 
@@ -103,6 +104,7 @@ class Scanner:
         #: Names that would be valid in NFC form; the engine renames them.
         self.denormalized: set[str] = set()
         self.ignore = IgnoreRules()
+        self._big_files = trio.CapacityLimiter(offload.threads)
 
     async def scan(
         self, path: str, base: BaseEntry | None, early: EarlySend | None = None
@@ -113,16 +115,22 @@ class Scanner:
             return await self._offload.run_sync(self._scan_whole, path, base)
         for _ in range(HASH_ATTEMPTS):
             found = await self._offload.run_sync(self._scan, path, base, EARLY_MIN_SIZE)
-            if not isinstance(found, _Opened):
+            if not isinstance(found, _ToHash):
                 return found
-            try:
-                if early.wants(found.key):
-                    digest = await self._hash_in_steps(found.fd, early)
-                else:
-                    digest = await self._offload.run_sync(chunk_file, found.fd)
-                after = await self._offload.run_sync(_stat_fd, found.fd)
-            finally:
-                os.close(found.fd)
+            # A few big files at a time, as when each was hashed in one thread call: each
+            # holds a read buffer until it is done, and there may be a worker for every file.
+            async with self._big_files:
+                fd = await self._offload.run_sync(self._open_unchanged, path, found.key)
+                if fd is None:
+                    continue  # changed since we looked: look again
+                try:
+                    if early.wants(found.key):
+                        digest = await self._hash_in_steps(fd, early)
+                    else:
+                        digest = await self._offload.run_sync(chunk_file, fd)
+                    after = await self._offload.run_sync(_stat_fd, fd)
+                finally:
+                    os.close(fd)
             if after == found.key and digest.size == found.key.size:
                 return LocalFile(path, found.key, digest.hash, digest.chunks)
         raise LocalChanged(f"{path}: still changing while being read")
@@ -136,16 +144,31 @@ class Scanner:
                 early.cut(chunks, offset)
         return chunker.digest()
 
+    def _open_unchanged(self, path: str, key: StatKey) -> int | None:
+        """*path* open for reading, if it is still the file seen as *key*; else None."""
+        try:
+            fd = os.open(local_path(self.root, path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return None  # a symlink now: the next look says so
+            raise
+        if _stat_fd(fd) != key:
+            os.close(fd)
+            return None
+        return fd
+
     def _scan_whole(self, path: str, base: BaseEntry | None) -> LocalFile | None:
         found = self._scan(path, base, None)
-        assert not isinstance(found, _Opened)
+        assert not isinstance(found, _ToHash)
         return found
 
     def _scan(
-        self, path: str, base: BaseEntry | None, open_from: int | None
-    ) -> LocalFile | _Opened | None:
-        """With *open_from*, a file of that size or more that needs hashing is returned open
-        instead (the caller closes it)."""
+        self, path: str, base: BaseEntry | None, hash_from: int | None
+    ) -> LocalFile | _ToHash | None:
+        """With *hash_from*, a file of that size or more that needs hashing is left for the
+        caller to hash (`_ToHash`)."""
         full = local_path(self.root, path)
         for _ in range(HASH_ATTEMPTS):
             try:
@@ -163,6 +186,8 @@ class Scanner:
             key = stat_key(st)
             if base is not None and base.stat_key == key and not base.racy:
                 return LocalFile(path, key, base.hash, base.chunks)
+            if hash_from is not None and key.size >= hash_from:
+                return _ToHash(key)
             try:
                 fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             except FileNotFoundError:
@@ -171,8 +196,6 @@ class Scanner:
                 if e.errno == errno.ELOOP:
                     raise Unsyncable(f"{path}: symlinks are not synced") from None
                 raise
-            if open_from is not None and key.size >= open_from:
-                return _Opened(fd, key)
             try:
                 digest = chunk_file(fd)
                 after = _stat_fd(fd)
