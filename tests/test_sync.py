@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import trio
 
+from trio_sync.client.early import EARLY_MIN_SIZE
 from trio_sync.client.engine import Engine
 from trio_sync.errors import AuthenticationFailed, FolderInUse, ProtocolError
 
@@ -415,6 +416,62 @@ async def test_a_file_still_being_written_is_uploaded_once(
     await in_sync(a, b)
     uploads = [m for m in messages(caplog) if m.startswith("uploaded growing.bin")]
     assert len(uploads) == 1
+
+
+def readers_of(path: Path) -> int:
+    """This process's descriptors open for reading on *path* (the client runs in it)."""
+    found = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+                flags = Path(f"/proc/self/fdinfo/{fd}").read_text().split("flags:")[1].split()[0]
+                found += int(flags, 8) & os.O_ACCMODE == os.O_RDONLY
+    return found
+
+
+async def test_a_big_file_still_being_written_is_not_read_until_it_rests(
+    start_client: Start, tmp_path: Path
+) -> None:
+    # Hashing it at each look would be wasted: it is uploaded only once it rests, and for a
+    # big file that keeps growing (a log, a download) each look would read all of it again.
+    a, b = tmp_path / "a", tmp_path / "b"
+    await start_client("a", settle_seconds=1.0)
+    await start_client("b")
+    growing = a / "growing.bin"
+    read_while_written = 0
+    with open(growing, "wb") as f:  # noqa: ASYNC230 - a writer that pauses
+        f.write(os.urandom(EARLY_MIN_SIZE))
+        for _ in range(15):
+            f.write(os.urandom(100_000))
+            f.flush()
+            for _ in range(50):
+                read_while_written += readers_of(growing)
+                await trio.sleep(0.002)
+    assert read_while_written == 0
+    await in_sync(a, b, timeout=30)
+
+
+async def test_a_big_file_that_never_rests_is_uploaded_now_and_then(
+    start_client: Start, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    await start_client("a", settle_seconds=0.8, settle_max_seconds=1.0)
+    await start_client("b")
+    caplog.set_level(logging.INFO)
+    growing = a / "growing.bin"
+    arrived_while_written = False
+    with open(growing, "wb") as f:  # noqa: ASYNC230 - a writer that never pauses for long
+        f.write(os.urandom(EARLY_MIN_SIZE))
+        for _ in range(35):
+            f.write(os.urandom(100_000))
+            f.flush()
+            await trio.sleep(0.1)
+            arrived_while_written |= (b / "growing.bin").exists()
+    written = [m for m in messages(caplog) if m.startswith("uploaded growing.bin")]
+    await in_sync(a, b, timeout=30)
+    assert arrived_while_written
+    # About once a second (settle_max_seconds) while it was written, not at every look.
+    assert 1 <= len(written) <= 5
 
 
 async def test_editor_saves_and_bulk_creation_make_one_change_each(

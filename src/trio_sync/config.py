@@ -58,8 +58,10 @@ class ClientConfig:
     backoff_max: float = 30.0
     #: Watcher: how long to gather a burst of changes, in milliseconds.
     debounce_ms: int = 200
-    #: A file is uploaded once it has not been modified for this many seconds.
+    #: A file is uploaded once it has not been modified for this many seconds; one that never
+    #: rests, every *settle_max_seconds* anyway.
     settle_seconds: float = 1.0
+    settle_max_seconds: float = 30.0
     #: The event stream is considered dead after this long without a byte (keep-alives are 15 s).
     stream_idle_timeout: float = 45.0
     #: A file fetched ahead of its commit (another client announced its upload) is dropped if

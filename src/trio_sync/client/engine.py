@@ -47,11 +47,11 @@ from ..protocol.paths import STATE_DIR_NAME, is_valid_path
 from ..protocol.sse import ServerSentEvent
 from .batching import Batches, ByteBudget
 from .early import EarlySend
-from .index import BaseEntry, Index, is_racy
+from .index import BaseEntry, Index, StatKey, is_racy
 from .landing import Landing
 from .queue import PathQueue
 from .remote import Remote
-from .scanner import Ignored, LocalFile, Scanner, Unsyncable
+from .scanner import Ignored, Scanner, StillWriting, Unsyncable
 from .transfer import (
     PARTIAL_DIR,
     PARTIAL_KEEP_SECONDS,
@@ -69,8 +69,6 @@ log = logging.getLogger("trio_sync.client")
 RECHECK_DELAY = 0.2
 #: A file that changed under us this many times in a row is reported as failed (retried later).
 MAX_RECHECKS = 25
-#: A file that keeps being modified is uploaded anyway after this many seconds.
-MAX_SETTLE_WAIT = 30.0
 #: Live mode looks again at paths that failed (permissions, a folder in the way, ...) this often.
 RETRY_FAILED_EVERY = 30.0
 #: Announced uploads fetched ahead at once, and how many more may wait (later ones are skipped:
@@ -494,20 +492,18 @@ class Engine:
         self.queue.mark_many(also)
         self.queue.defer(path, RECHECK_DELAY)
 
-    def _settled(self, local: LocalFile) -> bool:
+    def _settled(self, path: str, stat: StatKey) -> bool:
         """Upload a file only once it has not been modified for a moment, so a file being
         written is not sent half way, and again, and again. A file that never rests is sent
-        anyway after MAX_SETTLE_WAIT (hashes are checked again at commit)."""
+        anyway after `settle_max_seconds` (hashes are checked again at commit); that clock restarts
+        once it is uploaded. The scanner asks first for a big file, so as not to hash it."""
         settle = self.config.settle_seconds
         now = time.time()
-        if now - local.stat.mtime_ns / 1e9 >= settle:
-            self._unsettled.pop(local.path, None)
+        if now - stat.mtime_ns / 1e9 >= settle:
+            self._unsettled.pop(path, None)
             return True
-        since = self._unsettled.setdefault(local.path, now)
-        if now - since >= MAX_SETTLE_WAIT:
-            self._unsettled.pop(local.path, None)
-            return True
-        return False
+        since = self._unsettled.setdefault(path, now)
+        return now - since >= self.config.settle_max_seconds
 
     async def _forget_ignored(self, path: str) -> None:
         # Ignored paths are neither sent nor received. Forgetting the base means that lifting
@@ -518,7 +514,7 @@ class Engine:
     async def _apply(self, transfer: Transfer, path: str, early: EarlySend) -> None:
         assert self.remote_state is not None
         base = self.index.get(path)
-        local = await self._scanner.scan(path, base, early)
+        local = await self._scanner.scan(path, base, early, settled=self._settled)
         remote = self.remote_state.get(path)
         if remote is not None and remote.deleted:
             remote = None
@@ -543,9 +539,10 @@ class Engine:
             await self.index.remove(path)
         elif action is Action.UPLOAD:
             assert local is not None
-            if not local.is_dir and not self._settled(local):
+            if not local.is_dir and not self._settled(path, local.stat):
                 raise StillWriting(f"{path}: still being written")
             self.remote_state[path] = await transfer.upload(local, decision.base_rev, early)
+            self._unsettled.pop(path, None)
             if local.is_dir:
                 log.info("created folder %s on the server (%s)", path, why)
             else:
@@ -614,10 +611,6 @@ def _expire(folder: Path, keep_seconds: float) -> None:
         with contextlib.suppress(OSError):
             if item.lstat().st_mtime < cutoff:
                 item.unlink()
-
-
-class StillWriting(LocalChanged):
-    """The file was modified moments ago; wait for it to settle."""
 
 
 def _content(entry: FileEntry) -> Content:

@@ -10,6 +10,7 @@ import logging
 import os
 import stat
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,10 @@ class Unsyncable(TrioSyncError):
 
 class Ignored(TrioSyncError):
     """A path matched by the ignore rules."""
+
+
+class StillWriting(LocalChanged):
+    """The file was modified moments ago; wait for it to settle."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,16 +112,25 @@ class Scanner:
         self._big_files = trio.CapacityLimiter(offload.threads)
 
     async def scan(
-        self, path: str, base: BaseEntry | None, early: EarlySend | None = None
+        self,
+        path: str,
+        base: BaseEntry | None,
+        early: EarlySend | None = None,
+        *,
+        settled: Callable[[str, StatKey], bool] | None = None,
     ) -> LocalFile | None:
         """Describe *path* on disk now: None if absent; Unsyncable if it is not a regular file.
-        A big file that *early* wants is hashed in steps, each step's chunks handed to it."""
-        if early is None:
+        A big file that *early* wants is hashed in steps, each step's chunks handed to it. A big
+        file that changed and is not *settled* yet is not hashed: StillWriting."""
+        if early is None and settled is None:
             return await self._offload.run_sync(self._scan_whole, path, base)
         for _ in range(HASH_ATTEMPTS):
             found = await self._offload.run_sync(self._scan, path, base, EARLY_MIN_SIZE)
             if not isinstance(found, _ToHash):
                 return found
+            if settled is not None and not settled(path, found.key):
+                # Hashing it now would be wasted (again every moment, for a growing log).
+                raise StillWriting(f"{path}: still being written")
             # A few big files at a time, as when each was hashed in one thread call: each
             # holds a read buffer until it is done, and there may be a worker for every file.
             async with self._big_files:
@@ -124,7 +138,7 @@ class Scanner:
                 if fd is None:
                     continue  # changed since we looked: look again
                 try:
-                    if early.wants(found.key):
+                    if early is not None and early.wants(found.key):
                         digest = await self._hash_in_steps(fd, early)
                     else:
                         digest = await self._offload.run_sync(chunk_file, fd)
