@@ -106,6 +106,7 @@ async def test_a_big_file_is_sent_before_the_upload_and_not_again_by_it(
             await early.sent()
             assert await server_lacks(server, local) == []
             assert early.lacking == {c.hash for c in local.chunks}
+            assert not early.cut_short
             before = await traffic(server)
             entry = await transfer.upload(local, 0, early)
             after = await traffic(server)
@@ -150,6 +151,7 @@ async def test_a_file_that_changed_since_it_was_cut_ends_the_head_start_quietly(
             early.cut(list(digest.chunks), 0)
             await early.sent()  # no error: only the head start ends
             assert early.stored == set()
+            assert early.cut_short
             stat = os.stat(root / "big.bin")
             key = StatKey(stat.st_size, stat.st_mtime_ns, stat.st_ino, False)
             local = LocalFile("big.bin", key, digest.hash, digest.chunks)
@@ -171,6 +173,7 @@ async def test_a_head_start_ends_quietly_when_the_server_is_gone(
             with trio.fail_after(20):
                 await early.sent()
             assert early.stored == set()
+            assert early.cut_short
             # The upload meets the outage itself, as it would have without the head start.
             with pytest.raises(RemoteError):
                 await transfer.upload(local, 0, early)

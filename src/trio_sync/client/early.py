@@ -69,6 +69,9 @@ class EarlySend:
         self.lacking: set[str] = set()
         #: Chunks known to be on the server: it had them, or took them from us.
         self.stored: set[str] = set()
+        #: Ended before it was done (an error, or a chunk the server refused): `lacking` may
+        #: be incomplete.
+        self.cut_short = False
 
     @property
     def started(self) -> bool:
@@ -120,6 +123,7 @@ class EarlySend:
                     nursery.start_soon(self._ask, cuts, to_send)
                     nursery.start_soon(self._send, sending)
         except* (TrioSyncError, OSError) as group:
+            self.cut_short = True
             log.debug("%s: no head start: %s", self.path, group.exceptions[0])
         finally:
             self._asked.set()
@@ -180,6 +184,7 @@ class EarlySend:
             else:
                 # The file changed since that chunk was cut: the rest would be stale too.
                 assert self._scope is not None
+                self.cut_short = True
                 self._scope.cancel()
         finally:
             self._budget.release(chunk.size)

@@ -246,8 +246,9 @@ class Transfer:
         if early is not None and early.started:
             # Sending began while the file was hashed: announce, let it finish, send the rest.
             await early.asked()
-            await self._announce(local, early.lacking)
-            announced = True
+            if not early.cut_short:  # else the rest is asked about below, and announced then
+                await self._announce(local, early.lacking)
+                announced = True
             await early.sent()
             unique = tuple(h for h in unique if h not in early.stored)
         if local.stat.size <= SEND_WITHOUT_ASKING and not any(map(self.index.has_chunk, unique)):
