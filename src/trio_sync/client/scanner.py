@@ -110,6 +110,8 @@ class Scanner:
         self.denormalized: set[str] = set()
         self.ignore = IgnoreRules()
         self._big_files = trio.CapacityLimiter(offload.threads)
+        #: Big files hashed while they were still being written (see `scan`).
+        self._hashed_unsettled: set[str] = set()
 
     async def scan(
         self,
@@ -120,17 +122,24 @@ class Scanner:
         settled: Callable[[str, StatKey], bool] | None = None,
     ) -> LocalFile | None:
         """Describe *path* on disk now: None if absent; Unsyncable if it is not a regular file.
-        A big file that *early* wants is hashed in steps, each step's chunks handed to it. A big
-        file that changed and is not *settled* yet is not hashed: StillWriting."""
+        A big file that *early* wants is hashed in steps, each step's chunks handed to it.
+
+        A big file that changed and is not *settled* yet is hashed at the first look only (if
+        it rests while it is hashed, a single edit goes at once); until it rests, later looks
+        say StillWriting without reading it, since for a file that keeps being written (a log, a
+        download) each would read all of it again."""
         if early is None and settled is None:
             return await self._offload.run_sync(self._scan_whole, path, base)
         for _ in range(HASH_ATTEMPTS):
             found = await self._offload.run_sync(self._scan, path, base, EARLY_MIN_SIZE)
+            hashed_before = path in self._hashed_unsettled
+            self._hashed_unsettled.discard(path)
             if not isinstance(found, _ToHash):
                 return found
             if settled is not None and not settled(path, found.key):
-                # Hashing it now would be wasted (again every moment, for a growing log).
-                raise StillWriting(f"{path}: still being written")
+                self._hashed_unsettled.add(path)
+                if hashed_before:
+                    raise StillWriting(f"{path}: still being written")
             # A few big files at a time, as when each was hashed in one thread call: each
             # holds a read buffer until it is done, and there may be a worker for every file.
             async with self._big_files:
