@@ -496,7 +496,7 @@ class Engine:
         """Upload a file only once it has not been modified for a moment, so a file being
         written is not sent half way, and again, and again. A file that never rests is sent
         anyway after `settle_max_seconds` (hashes are checked again at commit); that clock restarts
-        once it is uploaded. The scanner asks first for a big file, so as not to hash it."""
+        once it is uploaded. The scanner asks too, before it hashes a big file again."""
         settle = self.config.settle_seconds
         now = time.time()
         if now - stat.mtime_ns / 1e9 >= settle:
