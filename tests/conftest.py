@@ -176,3 +176,19 @@ async def traffic(server: ServerHandle) -> dict[str, Any]:
 
 def requests_between(before: dict[str, Any], after: dict[str, Any], route: str) -> int:
     return int(after["requests"].get(route, 0)) - int(before["requests"].get(route, 0))
+
+
+def open_fds_to(path: Path, *, read_only: bool = False) -> list[str]:
+    """This process's file descriptors open on *path* (clients in tests run in it); with
+    *read_only*, only those opened for reading alone."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") != str(path):
+                continue
+            if read_only:
+                info = Path(f"/proc/self/fdinfo/{fd}").read_text()
+                if int(info.split("flags:")[1].split()[0], 8) & os.O_ACCMODE != os.O_RDONLY:
+                    continue
+            found.append(fd)
+    return found

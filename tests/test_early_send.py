@@ -28,7 +28,7 @@ from trio_sync.core.offload import Offload
 from trio_sync.errors import LocalChanged, RemoteError
 from trio_sync.protocol.paths import STATE_DIR_NAME
 
-from .conftest import TOKEN, ServerHandle, in_sync, requests_between, traffic
+from .conftest import TOKEN, ServerHandle, in_sync, open_fds_to, requests_between, traffic
 
 Start = Callable[..., Any]
 MiB = 1024 * 1024
@@ -78,18 +78,6 @@ async def server_lacks(server: ServerHandle, local: LocalFile) -> list[str]:
         response = await client.post(server.url + "/chunks/missing", json={"hashes": hashes})
         missing: list[str] = response.json()["missing"]
         return missing
-
-
-def open_fds_to(path: Path) -> list[str]:
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target == str(path):
-            found.append(fd)
-    return found
 
 
 async def test_a_big_file_is_sent_before_the_upload_and_not_again_by_it(

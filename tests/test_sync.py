@@ -18,7 +18,15 @@ from trio_sync.client.early import EARLY_MIN_SIZE
 from trio_sync.client.engine import Engine
 from trio_sync.errors import AuthenticationFailed, FolderInUse, ProtocolError
 
-from .conftest import ServerHandle, eventually, in_sync, requests_between, traffic, tree
+from .conftest import (
+    ServerHandle,
+    eventually,
+    in_sync,
+    open_fds_to,
+    requests_between,
+    traffic,
+    tree,
+)
 
 Start = Callable[..., Any]
 
@@ -418,17 +426,6 @@ async def test_a_file_still_being_written_is_uploaded_once(
     assert len(uploads) == 1
 
 
-def readers_of(path: Path) -> int:
-    """This process's descriptors open for reading on *path* (the client runs in it)."""
-    found = 0
-    for fd in os.listdir("/proc/self/fd"):
-        with suppress(OSError):
-            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
-                flags = Path(f"/proc/self/fdinfo/{fd}").read_text().split("flags:")[1].split()[0]
-                found += int(flags, 8) & os.O_ACCMODE == os.O_RDONLY
-    return found
-
-
 async def test_a_big_file_still_being_written_is_read_once_until_it_rests(
     start_client: Start, tmp_path: Path
 ) -> None:
@@ -447,7 +444,7 @@ async def test_a_big_file_still_being_written_is_read_once_until_it_rests(
             f.write(os.urandom(100_000))
             f.flush()
             for _ in range(50):
-                now_reading = readers_of(growing) > 0
+                now_reading = bool(open_fds_to(growing, read_only=True))
                 reads += now_reading and not reading
                 reading = now_reading
                 await trio.sleep(0.002)
