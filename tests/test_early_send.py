@@ -61,7 +61,7 @@ async def client_parts(
         index = await Index.open(state / "index.sqlite", db)
         batches = Batches(remote, compress=False)
         await nursery.start(batches.run)
-        landing = Landing(root, state / "tmp", io, syncfs=None)
+        landing = Landing(root, state / "tmp", io, syncfs=None, client="t")
         await nursery.start(landing.run)
         transfer = Transfer(
             root, state, index, batches, remote, io, "a", Parking(state / "tmp"),

@@ -671,7 +671,9 @@ async def test_small_downloads_land_together_and_one_failure_stays_its_own(
     wanted = {f"sub{i % 4}/f{i}.txt": f"content {i}".encode() for i in range(40)}
     outcomes: dict[str, Exception | None] = {}
     io = Offload(2)
-    landing = Landing(root, tmp_dir, io, syncfs=group_syncer(tmp_dir) if group_sync else None)
+    landing = Landing(
+        root, tmp_dir, io, syncfs=group_syncer(tmp_dir) if group_sync else None, client="t"
+    )
 
     async def deliver(path: str, content: bytes) -> None:
         work = tmp_dir / f"{len(outcomes)}-{random.random()}.part"

@@ -46,12 +46,13 @@ from ..protocol.models import CHUNKER, DIR, FileEntry, Incoming
 from ..protocol.paths import STATE_DIR_NAME, is_valid_path
 from ..protocol.sse import ServerSentEvent
 from .batching import Batches, ByteBudget
+from .conflicts import normalize_name
 from .early import EarlySend
 from .index import BaseEntry, Index, StatKey, is_racy
 from .landing import Landing
 from .queue import PathQueue
 from .remote import Remote
-from .scanner import Ignored, Scanner, StillWriting, Unsyncable
+from .scanner import Ignored, LocalFile, Scanner, StillWriting, Unsyncable
 from .transfer import (
     PARTIAL_DIR,
     PARTIAL_KEEP_SECONDS,
@@ -59,7 +60,6 @@ from .transfer import (
     Parking,
     PartialFiles,
     Transfer,
-    normalize_name,
 )
 from .watcher import watch
 
@@ -329,12 +329,19 @@ class Engine:
         return [p for p, e in self.remote_state.items() if p.startswith(prefix) and not e.deleted]
 
     def _learn(self, entry: FileEntry) -> None:
+        if self._know(entry):
+            self.queue.mark(entry.path)
+
+    def _know(self, entry: FileEntry) -> bool:
+        """Record the server's version *entry* unless a newer one is known already; True if it
+        was new. Answers to our own requests come back later than the events that may follow
+        them (a commit's answer waits for its index write): they must not undo those."""
         assert self.remote_state is not None
         known = self.remote_state.get(entry.path)
         if known is not None and known.rev >= entry.rev:
-            return
+            return False
         self.remote_state[entry.path] = entry
-        self.queue.mark(entry.path)
+        return True
 
     # -- finding work ---------------------------------------------------------------------------
 
@@ -415,7 +422,11 @@ class Engine:
         await nursery.start(batches.run)
         tmp = self.state_dir / "tmp"
         landing = Landing(
-            self.root, tmp, self._io, syncfs=await self._io.run_sync(group_syncer, tmp)
+            self.root,
+            tmp,
+            self._io,
+            syncfs=await self._io.run_sync(group_syncer, tmp),
+            client=self.config.name,
         )
         await nursery.start(landing.run)
         transfer = self._transfer(batches, remote, landing)
@@ -446,11 +457,11 @@ class Engine:
         except Conflict as conflict:
             # The server's tree is not what we thought: learn what it has and decide again.
             if conflict.current is not None:
-                self.remote_state[path] = conflict.current
+                self._know(conflict.current)
             else:
                 self.remote_state.pop(path, None)
             if conflict.blocking is not None:
-                self.remote_state[conflict.blocking.path] = conflict.blocking
+                self._know(conflict.blocking)
                 self.queue.mark(conflict.blocking.path)
             if conflict.reason != "stale":
                 log.info("%s: %s; looking again", path, conflict)
@@ -528,6 +539,11 @@ class Engine:
             Side(remote.rev, _content(remote)) if remote else None,
         )
         action, why = decision.action, decision.reason
+        if action is not Action.NOTHING:
+            log.debug(
+                "%s: %s (%s); base %s, local %s, remote %s",
+                path, action.value, why, _brief(base), _brief(local), _brief(remote),
+            )  # fmt: skip
         if action is Action.NOTHING:
             if base is not None and local is not None and base.racy:
                 await self.index.put(replace(base, racy=is_racy(local.stat.mtime_ns)))
@@ -541,7 +557,7 @@ class Engine:
             assert local is not None
             if not local.is_dir and not self._settled(path, local.stat):
                 raise StillWriting(f"{path}: still being written")
-            self.remote_state[path] = await transfer.upload(local, decision.base_rev, early)
+            self._know(await transfer.upload(local, decision.base_rev, early))
             self._unsettled.pop(path, None)
             if local.is_dir:
                 log.info("created folder %s on the server (%s)", path, why)
@@ -552,7 +568,7 @@ class Engine:
             if below:
                 # A folder goes after its contents; what others added meanwhile stays.
                 raise FolderNotEmpty(path, [p[len(path) + 1 :] for p in below])
-            self.remote_state[path] = await transfer.delete_remote(path, decision.base_rev)
+            self._know(await transfer.delete_remote(path, decision.base_rev))
             log.info("deleted %s on the server (%s)", path, why)
         elif action is Action.DOWNLOAD:
             assert remote is not None
@@ -619,3 +635,11 @@ def _content(entry: FileEntry) -> Content:
 
 def _nothing() -> None:
     pass
+
+
+def _brief(version: BaseEntry | LocalFile | FileEntry | None) -> str:
+    """A version as the debug log names it: revision (if any) and the start of its hash."""
+    if version is None:
+        return "absent"
+    rev = f"r{version.rev} " if not isinstance(version, LocalFile) else ""
+    return f"{rev}{version.hash[:10] or 'dir'}"

@@ -15,6 +15,7 @@ client B 3.5 to 6 s of the 14 to 20 s that 10,000 files of 4 KiB took end to end
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Callable
@@ -26,8 +27,10 @@ import trio
 
 from ..core.durable import fsync_dir, synced_around
 from ..core.offload import Offload
+from ..core.renames import RenameUnsupported, exchange, rename_noreplace
 from ..errors import LocalChanged
 from .batching import Batcher, Pending
+from .conflicts import move_aside
 from .index import StatKey
 from .scanner import LocalFile, local_path, stat_key
 
@@ -51,19 +54,78 @@ def check_unchanged(target: Path, expected: LocalFile | None, path: str) -> None
         raise LocalChanged(f"{path}: changed locally meanwhile")
 
 
-def place(root: Path, tmp: Path, path: str, expected: LocalFile | None, *, sync: bool) -> StatKey:
-    """Rename *tmp* to *path* if that is still *expected*. With *sync*, the folder is fsynced;
-    the caller must have fsynced *tmp* already. Blocking."""
+def place(
+    root: Path,
+    tmp: Path,
+    path: str,
+    expected: LocalFile | None,
+    *,
+    sync: bool,
+    client: str,
+) -> StatKey:
+    """Rename *tmp* to *path* if that is still *expected*; returns the placed file's stat. With
+    *sync*, the folder is fsynced; the caller must have fsynced *tmp* already. A user's file
+    that must be moved aside gets a conflict name with *client* in it. Blocking."""
     target = local_path(root, path)
     folder = os.path.dirname(target)
     if not os.path.isdir(folder):
         os.makedirs(folder, exist_ok=True)
         local_path(root, path)  # re-check: mkdir must not have raced with a symlink
     check_unchanged(target, expected, path)
-    os.rename(tmp, target)
+    # Taken from the temp file: a rename keeps inode, size and mtime, and a stat of the target
+    # after it could be of a file the user saved in between, which the index would then trust.
+    ours = stat_key(os.lstat(tmp))
+    try:
+        swap_in(tmp, target, expected, path, ours, lambda f: move_aside(root, f, path, client))
+    except RenameUnsupported:
+        os.rename(tmp, target)  # the check above is all this filesystem allows
     if sync:
         fsync_dir(folder)
-    return stat_key(os.lstat(target))
+    return ours
+
+
+def swap_in(
+    tmp: Path,
+    target: Path,
+    expected: LocalFile | None,
+    path: str,
+    ours: StatKey,
+    keep: Callable[[Path], str],
+) -> None:
+    """Put *tmp* at *target* without ever replacing a file the user saved after the check."""
+    if expected is None:
+        try:
+            rename_noreplace(tmp, target)
+        except FileExistsError:
+            raise LocalChanged(f"{path}: created locally meanwhile") from None
+        return
+    try:
+        exchange(tmp, target)
+    except FileNotFoundError:
+        raise LocalChanged(f"{path}: vanished locally") from None
+    # *tmp* now holds what had the name: the file we checked, or a save that came in between.
+    try:
+        check_unchanged(tmp, expected, path)
+    except LocalChanged:
+        _give_back(tmp, target, ours, keep)
+        raise
+    os.unlink(tmp)  # the version we decided to replace: the server has it
+
+
+def _give_back(tmp: Path, target: Path, ours: StatKey, keep: Callable[[Path], str]) -> None:
+    """Undo an exchange that displaced a user's save, leaving our file at *tmp* (the caller
+    removes it). A save that took the name in the instant between is kept aside, never lost."""
+    try:
+        exchange(tmp, target)
+    except FileNotFoundError:  # our file was removed from the name meanwhile
+        try:
+            rename_noreplace(tmp, target)
+        except FileExistsError:
+            keep(tmp)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        if os.lstat(tmp).st_ino != ours.inode:
+            keep(tmp)  # yet another save replaced our file: it is the user's too
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,12 +152,14 @@ class Landing:
         offload: Offload,
         *,
         syncfs: Callable[[int], None] | None,
+        client: str,
     ):
         """*syncfs*: `core.durable.group_syncer(tmp_dir)`, or None to fsync each file."""
         self._root = root
         self._tmp_dir = tmp_dir
         self._offload = offload
         self._syncfs = syncfs
+        self._client = client
         # One batch at a time: files that arrive meanwhile make up the next one.
         self._batcher: Batcher[_Arrival, StatKey] = Batcher(
             self._land, max_items=MAX_BATCH, parallel=1
@@ -139,7 +203,9 @@ class Landing:
         with batch:  # syncfs: every file's content first, then all the renames
             for a in arrivals:
                 try:
-                    results.append(place(self._root, a.tmp, a.path, a.expected, sync=each))
+                    results.append(
+                        place(self._root, a.tmp, a.path, a.expected, sync=each, client=self._client)
+                    )
                 except Exception as e:
                     results.append(e)
         return results

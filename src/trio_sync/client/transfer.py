@@ -15,12 +15,10 @@ import logging
 import os
 import stat
 import time
-import unicodedata
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import TypeVar, TypeVarTuple, Unpack
@@ -49,6 +47,7 @@ from ..protocol.models import (
     Incoming,
 )
 from .batching import Batches, ByteBudget
+from .conflicts import free_conflict_name, move_aside
 from .early import EarlySend
 from .index import BaseEntry, Index, StatKey
 from .landing import Landing, check_unchanged, place
@@ -91,17 +90,6 @@ def _umask() -> int:
     except OSError:
         pass
     return 0o022
-
-
-def conflict_name(path: str, client: str, when: datetime) -> str:
-    """`dir/report.docx` → `dir/report.sync-conflict-20261124-153012-laptop.docx`."""
-    folder, _, name = path.rpartition("/")
-    stem, dot, ext = name.rpartition(".")
-    if not stem:  # no extension, or a dotfile such as ".bashrc"
-        stem, dot, ext = name, "", ""
-    tag = f"sync-conflict-{when.strftime('%Y%m%d-%H%M%S')}-{client}"
-    new = f"{stem}.{tag}{dot}{ext}"
-    return f"{folder}/{new}" if folder else new
 
 
 class Parking:
@@ -708,7 +696,7 @@ class Transfer:
         return dir_key(st)
 
     def _place(self, tmp: Path, path: str, expected: LocalFile | None) -> StatKey:
-        return place(self.root, tmp, path, expected, sync=True)
+        return place(self.root, tmp, path, expected, sync=True, client=self._name)
 
     async def delete_local(self, path: str, expected: LocalFile) -> None:
         if expected.is_dir:
@@ -761,17 +749,8 @@ class Transfer:
             local_path(self.root, path),
             expected.stat,
             spot,
-            keep_as=lambda: self.root / self._free_conflict_name(path),
+            keep_as=lambda: self.root / free_conflict_name(self.root, path, self._name),
         )
-
-    def _free_conflict_name(self, path: str) -> str:
-        when = datetime.now(UTC)
-        candidate = conflict_name(path, self._name, when)
-        n = 1
-        while os.path.lexists(self.root / candidate):
-            n += 1
-            candidate = conflict_name(path, f"{self._name}-{n}", when)
-        return candidate
 
     async def set_aside(self, local: LocalFile) -> str:
         """Rename the local file to a conflict copy next to it; returns the copy's wire path."""
@@ -781,9 +760,7 @@ class Transfer:
     def _set_aside(self, local: LocalFile) -> str:
         target = local_path(self.root, local.path)
         check_unchanged(target, local, local.path)
-        candidate = self._free_conflict_name(local.path)
-        os.rename(target, self.root / candidate)
-        return candidate
+        return move_aside(self.root, target, local.path, self._name)
 
 
 def remove_parked_name(
@@ -823,20 +800,6 @@ def partial_name(path: str, content_hash: str) -> str:
 
 def _partial_prefix(path: str) -> str:
     return f"{hash_bytes(path.encode())[:24]}-"
-
-
-def normalize_name(root: Path, rel: str, client: str) -> str:
-    """Rename local *rel* to its NFC form; if that name is taken, to a conflict name of it."""
-    target = unicodedata.normalize("NFC", rel)
-    if os.path.lexists(root / target):
-        when = datetime.now(UTC)
-        target = conflict_name(target, client, when)
-        n = 1
-        while os.path.lexists(root / target):
-            n += 1
-            target = conflict_name(unicodedata.normalize("NFC", rel), f"{client}-{n}", when)
-    os.rename(root / rel, root / target)
-    return target
 
 
 def _holds(fd: int, chunk: Chunk, offset: int) -> bool:

@@ -1,0 +1,81 @@
+"""Names for conflict copies, and putting a file aside under one without replacing anything.
+
+A conflict copy is named from the original file's name: `dir/report.docx` becomes
+`dir/report.sync-conflict-20261124-153012-laptop.docx`. A conflict on a copy does not stack a
+second tag on the first (`report.sync-conflict-A-x.sync-conflict-B-y.docx`), nor mistake an older
+tag for the extension: every tag is taken out first. The server's history keeps the lineage.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import unicodedata
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ..core.renames import RenameUnsupported, rename_noreplace
+
+#: A tag this module wrote. The client's part never holds a "." (see `_tag`), so a tag ends at
+#: the next "." (the extension) or at the end of the name.
+_TAG = re.compile(r"\.sync-conflict-\d{8}-\d{6}-[^./]+")
+
+
+def original_name(name: str) -> str:
+    """*name* without any conflict tag: `f.sync-conflict-…-a.sync-conflict-…-b.txt` → `f.txt`."""
+    stripped = _TAG.sub("", name)
+    return stripped or name
+
+
+def _tag(client: str, when: datetime) -> str:
+    # A "." in a host name would read as the start of an extension; "-" keeps the name legible.
+    return f"sync-conflict-{when.strftime('%Y%m%d-%H%M%S')}-{client.replace('.', '-')}"
+
+
+def conflict_name(path: str, client: str, when: datetime) -> str:
+    """`dir/report.docx` → `dir/report.sync-conflict-20261124-153012-laptop.docx`."""
+    folder, _, name = path.rpartition("/")
+    stem, dot, ext = original_name(name).rpartition(".")
+    if not stem:  # no extension, or a dotfile such as ".bashrc"
+        stem, dot, ext = original_name(name), "", ""
+    new = f"{stem}.{_tag(client, when)}{dot}{ext}"
+    return f"{folder}/{new}" if folder else new
+
+
+def free_conflict_name(root: Path, path: str, client: str) -> str:
+    """A conflict name for *path* that nothing in *root* holds now. Blocking."""
+    when = datetime.now(UTC)
+    candidate = conflict_name(path, client, when)
+    n = 1
+    while os.path.lexists(root / candidate):
+        n += 1
+        candidate = conflict_name(path, f"{client}-{n}", when)
+    return candidate
+
+
+def move_aside(root: Path, source: Path, path: str, client: str) -> str:
+    """Rename *source* to a free conflict name of *path* in *root*, never over another file
+    (a name taken in the meantime is skipped). Returns the new wire path. Blocking."""
+    while True:
+        candidate = free_conflict_name(root, path, client)
+        try:
+            rename_noreplace(source, root / candidate)
+        except FileExistsError:
+            continue  # taken since we looked: find another
+        except RenameUnsupported:
+            os.rename(source, root / candidate)
+        return candidate
+
+
+def normalize_name(root: Path, rel: str, client: str) -> str:
+    """Rename local *rel* to its NFC form; if that name is taken, to a conflict name of it."""
+    target = unicodedata.normalize("NFC", rel)
+    try:
+        rename_noreplace(root / rel, root / target)
+    except FileExistsError:
+        return move_aside(root, root / rel, target, client)
+    except RenameUnsupported:
+        if os.path.lexists(root / target):
+            return move_aside(root, root / rel, target, client)
+        os.rename(root / rel, root / target)
+    return target
