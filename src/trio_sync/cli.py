@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             token=token,
             keep_history_days=args.keep_history_days,
         )
-        return trio.run(_server_main, server_config)
+        return trio.run(server_main, server_config)
     if not token:
         print("trio-sync: a token is needed: --token or TRIO_SYNC_TOKEN", file=sys.stderr)
         return EXIT_USAGE
@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         name=name,
         compress=args.compress,
     )
-    return trio.run(_client_main, config, args.once)
+    return trio.run(client_main, config, args.once)
 
 
 async def _until_signal(cancel_scope: trio.CancelScope, stop: trio.Event | None = None) -> None:
@@ -139,7 +139,8 @@ async def _until_signal(cancel_scope: trio.CancelScope, stop: trio.Event | None 
             return
 
 
-async def _server_main(config: ServerConfig) -> int:
+async def server_main(config: ServerConfig) -> int:
+    """Run a server until SIGINT or SIGTERM; the exit code."""
     stop = trio.Event()
     code = EXIT_OK
     async with trio.open_nursery() as outer:
@@ -165,7 +166,8 @@ async def _server_main(config: ServerConfig) -> int:
     return code
 
 
-async def _client_main(config: ClientConfig, once: bool) -> int:
+async def client_main(config: ClientConfig, once: bool) -> int:
+    """Run a client (one reconcile with *once*, else until SIGINT or SIGTERM); the exit code."""
     engine = Engine(config)
     code = EXIT_OK
     async with trio.open_nursery() as nursery:
