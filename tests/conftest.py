@@ -27,6 +27,8 @@ class ServerHandle:
     nursery: trio.Nursery
     port: int = 0
     keepalive: float = 15.0
+    #: Other ServerConfig fields.
+    settings: dict[str, Any] = field(default_factory=dict)
     running: RunningServer | None = None
     _stop: trio.Event = field(default_factory=trio.Event)
     _done: trio.Event = field(default_factory=trio.Event)
@@ -40,7 +42,7 @@ class ServerHandle:
         self._stop, self._done = trio.Event(), trio.Event()
         config = ServerConfig(
             self.data_dir, port=self.port, token=TOKEN, keepalive=self.keepalive,
-            graceful_timeout=1.0,
+            graceful_timeout=1.0, **self.settings,
         )  # fmt: skip
         self.running = await self.nursery.start(self._serve, config)
         self.port = int(self.running.url.rsplit(":", 1)[1])  # a restart keeps the port

@@ -28,6 +28,8 @@ class ServerConfig:
     keepalive: float = 15.0
     #: Seconds in-flight requests get to finish after SIGINT/SIGTERM.
     graceful_timeout: float = 2.0
+    #: An idle connection between requests is closed after this many seconds.
+    keep_alive_timeout: float = 5.0
     #: Replaced versions are kept this long (their chunks too), then garbage-collected.
     keep_history_days: float = 30.0
     #: Seconds between garbage collection passes.

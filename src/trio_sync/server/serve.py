@@ -107,6 +107,7 @@ async def _serve(
         host = f"[{config.host}]" if ":" in config.host else config.host
         hc.bind = [f"{host}:{config.port}"]
         hc.graceful_timeout = config.graceful_timeout
+        hc.keep_alive_timeout = config.keep_alive_timeout
         hc.accesslog = None
         hc.errorlog = logging.getLogger("hypercorn.error")
 
