@@ -297,12 +297,12 @@ async def test_uploaded_chunks_are_not_kept_in_memory(server: ServerHandle) -> N
     tracemalloc.start()
     try:
         async with Remote(server.url, TOKEN, "mem") as remote:
-            for i in range(6):
-                data = bytes([i]) * (4 * 1024 * 1024)
+            for i in range(16):
+                data = bytes([i]) * MAX_CHUNK_SIZE
                 await remote.put_chunks([Frame(hash_bytes(data), RAW, data)])
                 del data
             _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
         gc.enable()
-    assert peak < 16 * 1024 * 1024  # a couple of chunks in flight, not all six
+    assert peak < 6 * MAX_CHUNK_SIZE  # a few chunks in flight, not all sixteen

@@ -3,13 +3,29 @@ the security review's probe did (shared/reviews/security-review.md), against a r
 
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
 
+import httpx
+import pytest
 import trio
+import zstandard
+
+from trio_sync.core.hashing import hash_bytes
+from trio_sync.errors import ProtocolError
+from trio_sync.protocol.frames import RAW, ZSTD, FrameParser, frame_header
+from trio_sync.protocol.models import (
+    MAX_CHUNK_SIZE,
+    MAX_DECODED_PER_REQUEST,
+    Chunk,
+    FileEntry,
+    content_hash,
+)
 
 from .conftest import TOKEN, ServerHandle
 
 AUTH = f"Authorization: Bearer {TOKEN}\r\n".encode()
+HEADERS = {"Authorization": f"Bearer {TOKEN}"}
 
 
 async def _exchange(port: int, request: bytes, *, within: float) -> bytes:
@@ -43,3 +59,92 @@ async def test_an_idle_keep_alive_connection_is_closed(
     request = b"GET /info HTTP/1.1\r\nHost: x\r\n\r\n"  # keep-alive: the default of HTTP/1.1
     assert (await _exchange(server.port, request, within=3)).startswith(b"HTTP/1.1 401")
     await server.stop()
+
+
+async def test_a_trickled_body_ends_with_408(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """M8: `POST /chunks` at a byte every few seconds held its connection for ever."""
+    server = ServerHandle(tmp_path / "server", nursery, settings={"body_grace": 0.3})
+    await server.start()
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    head = b"POST /chunks HTTP/1.1\r\nHost: x\r\n" + AUTH + b"Content-Length: 1000\r\n\r\n"
+    await stream.send_all(head + b"0" * 10)
+    got = b""
+    with trio.fail_after(5):
+        while data := await stream.receive_some():
+            got += data
+            if len(got) < 40:  # keep trickling until the answer comes
+                await stream.send_all(b"0")
+    await stream.aclose()
+    assert got.startswith(b"HTTP/1.1 408"), got[:200]
+    await server.stop()
+
+
+async def test_chunks_that_decode_to_too_much_are_refused_before_decoding(
+    server: ServerHandle,
+) -> None:
+    """H2: zstd frames of a few hundred bytes each decoding to a whole chunk of zeros; the server
+    decoded them all (38 KB cost it 1 GiB) before it hashed any."""
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * MAX_CHUNK_SIZE)
+    assert len(bomb) < 1024
+    count = MAX_DECODED_PER_REQUEST // MAX_CHUNK_SIZE + 1
+    body = b"".join(
+        frame_header(hash_bytes(i.to_bytes(4, "big")), ZSTD, len(bomb)) + bomb for i in range(count)
+    )
+    async with httpx.AsyncClient(base_url=server.url, headers=HEADERS) as client:
+        response = await client.post("/chunks", content=body)
+        assert response.status_code == 400, response.text
+        assert "decode to at most" in response.json()["message"]
+        listing = await client.post("/chunks/missing", json={"hashes": []})
+        assert listing.status_code == 200
+
+
+def test_a_frame_sent_a_byte_at_a_time_is_not_held_as_an_object_per_byte() -> None:
+    """M7: each received piece was kept as its own memoryview until its frame was complete,
+    about 200 bytes of memory per payload byte."""
+    payload = bytes(range(256)) * 512  # 128 KiB
+    stream = frame_header(hash_bytes(payload), RAW, len(payload)) + payload
+    parser = FrameParser()
+    tracemalloc.start()
+    try:
+        frames = [f for i in range(len(stream)) for f in parser.feed(stream[i : i + 1])]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [f.payload for f in frames] == [payload]
+    assert peak < 40 * len(payload)  # was about 200 per byte
+
+
+@pytest.mark.parametrize(
+    ("chunks", "problem"),
+    [
+        ([1000, 1000], "at least"),  # tiny chunks: a list far bigger than the file (M6)
+        ([MAX_CHUNK_SIZE + 1], "chunk size"),  # bigger than the chunker ever cuts (H2)
+    ],
+)
+async def test_chunk_lists_are_held_to_the_chunkers_bounds(
+    server: ServerHandle, chunks: list[int], problem: str
+) -> None:
+    listed = [Chunk(hash_bytes(i.to_bytes(4, "big")), size) for i, size in enumerate(chunks)]
+    commit = {
+        "path": "f", "base_rev": 0, "hash": content_hash(listed), "size": sum(chunks),
+        "chunks": [[c.hash, c.size] for c in listed], "executable": False, "mtime_ns": 0,
+    }  # fmt: skip
+    async with httpx.AsyncClient(base_url=server.url, headers=HEADERS) as client:
+        response = await client.post("/commit", json=commit)
+    assert response.status_code == 400
+    assert problem in response.json()["message"]
+
+
+def test_an_entry_from_the_server_must_agree_with_its_chunk_list() -> None:
+    """L1: an entry saying size 10 but listing much more made the client take its in-memory
+    path for a big file; one whose hash is not its chunk list's could never be verified."""
+    chunk = Chunk(hash_bytes(b"x"), 1)
+    entry = {
+        "path": "f", "rev": 1, "hash": content_hash([chunk]), "size": 1,
+        "chunks": [[chunk.hash, 1]], "executable": False, "mtime_ns": 0,
+    }  # fmt: skip
+    assert FileEntry.from_json(entry).size == 1
+    with pytest.raises(ProtocolError, match="size"):
+        FileEntry.from_json({**entry, "size": 10})
+    with pytest.raises(ProtocolError, match="hash"):
+        FileEntry.from_json({**entry, "hash": "0" * 64})

@@ -30,6 +30,8 @@ class ServerConfig:
     graceful_timeout: float = 2.0
     #: An idle connection between requests is closed after this many seconds.
     keep_alive_timeout: float = 5.0
+    #: A request body may take this long before it must arrive at 16 KiB/s on average.
+    body_grace: float = 30.0
     #: Replaced versions are kept this long (their chunks too), then garbage-collected.
     keep_history_days: float = 30.0
     #: Seconds between garbage collection passes.

@@ -15,9 +15,17 @@ from typing import Generic, TypeVar
 import trio
 import trio.lowlevel
 
+from ..core.compression import decoded_size
 from ..errors import ChunksMissing, ProtocolError
 from ..protocol.frames import MISSING, Frame
-from ..protocol.models import MAX_COMMITS, MAX_FETCH, MAX_HASHES_PER_QUERY, CommitRequest, FileEntry
+from ..protocol.models import (
+    MAX_COMMITS,
+    MAX_DECODED_PER_REQUEST,
+    MAX_FETCH,
+    MAX_HASHES_PER_QUERY,
+    CommitRequest,
+    FileEntry,
+)
 from .remote import Remote
 
 T = TypeVar("T")
@@ -189,7 +197,7 @@ class Batches:
             self._send_put,
             max_items=1000,
             max_bytes=BATCH_BYTES,
-            size=lambda f: len(f.payload),
+            size=_put_size,
             parallel=2,
         )
         self._fetch: Batcher[tuple[str, int], Frame] = Batcher(
@@ -269,3 +277,11 @@ class Batches:
 
 
 _SENT = Frame("0" * 64, MISSING, b"")
+
+
+def _put_size(frame: Frame) -> int:
+    """A frame's share of a `POST /chunks` batch: its bytes on the wire, or its share of what
+    the server lets one request decode to, whichever is more (a well compressed chunk is small
+    on the wire only)."""
+    decoded = decoded_size(frame.encoding, frame.payload)
+    return max(len(frame.payload), -(-decoded * BATCH_BYTES // MAX_DECODED_PER_REQUEST))

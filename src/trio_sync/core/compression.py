@@ -70,3 +70,15 @@ def unpack(encoding: str, payload: bytes, size_limit: int) -> bytes:
         return _decompressor().decompress(payload, max_output_size=size_limit)
     except zstandard.ZstdError as e:
         raise ProtocolError(f"corrupt compressed chunk: {e}") from None
+
+
+def decoded_size(encoding: str, payload: bytes) -> int:
+    """How many bytes *payload* says it decodes to, read from its header alone (a zstd frame
+    that does not say, or says nonsense, counts as its own length: decoding refuses it)."""
+    if encoding != ZSTD:
+        return len(payload)
+    try:
+        size = zstandard.get_frame_parameters(payload).content_size
+    except zstandard.ZstdError:
+        return len(payload)
+    return size if 0 <= size < 2**62 else len(payload)

@@ -9,13 +9,14 @@ and the rest of the file keeps its chunks. Blocking functions; callers run them 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from blake3 import blake3
 from fastcdc.fastcdc_cy import fastcdc_cy  # type: ignore[import-untyped]
 
-from ..protocol.models import CDC_AVG, CDC_MAX, CDC_MIN, Chunk
+from ..protocol.models import CDC_AVG, CDC_MAX, CDC_MIN, Chunk, content_hash
+
+__all__ = ["Chunker", "FileDigest", "chunk_file", "content_hash", "cut", "hash_bytes"]
 
 #: Bytes read from disk at a time while chunking (memory per hashing thread: this plus CDC_MAX).
 READ_SIZE = 1024 * 1024
@@ -23,14 +24,6 @@ READ_SIZE = 1024 * 1024
 
 def hash_bytes(data: bytes | bytearray | memoryview) -> str:
     return blake3(data).hexdigest()
-
-
-def content_hash(chunks: Iterable[Chunk]) -> str:
-    """The file's hash: BLAKE3 over the concatenated 32-byte chunk digests, in order."""
-    h = blake3()
-    for chunk in chunks:
-        h.update(bytes.fromhex(chunk.hash))
-    return h.hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,9 @@ MISSING = "missing"
 ENCODINGS = (RAW, ZSTD, MISSING)
 #: Longest header line: 64 hex digits, an encoding, a length.
 MAX_HEADER = 96
+#: Pieces held before they are joined into one: a body sent a byte at a time would otherwise
+#: cost an object per byte.
+MAX_PIECES = 1024
 MEDIA_TYPE = "application/x-trio-sync-chunks"
 
 
@@ -38,7 +41,8 @@ def frame_header(hash: str, encoding: str, length: int) -> bytes:
 class FrameParser:
     """Incremental: feed bytes as they arrive, get whole frames back.
 
-    Pieces are kept as they came and joined once per payload, so each byte is copied once.
+    Pieces are kept as they came and joined once per payload, so each byte is copied once
+    (unless they come in more than MAX_PIECES bits, which are then joined as they arrive).
     """
 
     def __init__(self) -> None:
@@ -50,6 +54,8 @@ class FrameParser:
         if data:
             self._pieces.append(memoryview(data))
             self._size += len(data)
+            if len(self._pieces) > MAX_PIECES:
+                self._pieces = deque([memoryview(b"".join(self._pieces))])
         while True:
             if self._header is None:
                 head = self._peek(MAX_HEADER + 1)

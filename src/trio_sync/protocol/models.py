@@ -8,8 +8,11 @@ can check a commit's hash from its chunk list without reading any content.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from blake3 import blake3
 
 from ..errors import ProtocolError
 from .paths import check_path
@@ -22,8 +25,12 @@ CDC_AVG = 512 * 1024
 CDC_MAX = 2 * 1024 * 1024
 #: Named in `GET /info`; a client refuses a server that announces another.
 CHUNKER = "fastcdc-2016/128K-512K-2M/blake3"
-#: The largest chunk the server accepts.
-MAX_CHUNK_SIZE = 16 * 1024 * 1024
+#: The largest chunk anyone accepts: the chunker never cuts a bigger one. Every chunk of a file
+#: but its last is at least CDC_MIN, so a chunk list has at most size / CDC_MIN + 1 entries.
+MAX_CHUNK_SIZE = CDC_MAX
+#: The most bytes the chunks of one `POST /chunks` may decode to: a zstd frame of a few hundred
+#: bytes can stand for a whole chunk of zeros, so the bytes on the wire bound nothing.
+MAX_DECODED_PER_REQUEST = 64 * 1024 * 1024
 #: The most chunk hashes one `POST /chunks/missing` may ask about.
 MAX_HASHES_PER_QUERY = 10_000
 #: The most chunks one `POST /chunks/fetch` may ask for.
@@ -104,11 +111,34 @@ def _kind(data: dict[str, Any]) -> str:
     return str(kind)
 
 
-def _chunks(data: dict[str, Any]) -> tuple[Chunk, ...]:
+def content_hash(chunks: Iterable[Chunk]) -> str:
+    """The file's hash: BLAKE3 over the concatenated 32-byte chunk digests, in order."""
+    h = blake3()
+    for chunk in chunks:
+        h.update(bytes.fromhex(chunk.hash))
+    return h.hexdigest()
+
+
+def _chunks(data: dict[str, Any], *, most: int = MAX_CHUNKS) -> tuple[Chunk, ...]:
     raw = data.get("chunks", [])
-    if not isinstance(raw, list) or len(raw) > MAX_CHUNKS:
-        raise ProtocolError("'chunks' must be a list")
-    return tuple(Chunk.from_json(c) for c in raw)
+    if not isinstance(raw, list) or len(raw) > most:
+        raise ProtocolError(f"'chunks' must be a list of at most {most} chunks")
+    chunks = tuple(Chunk.from_json(c) for c in raw)
+    # The chunker's bounds: a list of tiny chunks would make a small file cost its every
+    # reader (listings, events, indexes) far more than its content.
+    if any(c.size < CDC_MIN for c in chunks[:-1]):
+        raise ProtocolError(f"every chunk but the last must be at least {CDC_MIN} bytes")
+    return chunks
+
+
+def _content(data: dict[str, Any], *, most: int = MAX_CHUNKS) -> tuple[str, int, tuple[Chunk, ...]]:
+    """A file's hash, size and chunks, checked against each other."""
+    chunks = _chunks(data, most=most)
+    size = _size(data, chunks)
+    hash = check_hash(data.get("hash"))
+    if content_hash(chunks) != hash:
+        raise ProtocolError("'hash' does not match the chunk list")
+    return hash, size, chunks
 
 
 def _size(data: dict[str, Any], chunks: tuple[Chunk, ...]) -> int:
@@ -173,12 +203,12 @@ class FileEntry:
             return cls(path=path, rev=rev, deleted=True, origin=origin)
         if _kind(data) == DIR:
             return cls(path=path, rev=rev, kind=DIR, origin=origin)
-        chunks = _chunks(data)
+        hash, size, chunks = _content(data)
         return cls(
             path=path,
             rev=rev,
-            hash=check_hash(data.get("hash")),
-            size=_int(data, "size"),
+            hash=hash,
+            size=size,
             chunks=chunks,
             executable=_bool(data, "executable"),
             mtime_ns=_int(data, "mtime_ns"),
@@ -271,12 +301,10 @@ class Incoming:
         if not isinstance(data, dict):
             raise ProtocolError("an announcement is a JSON object")
         path = check_path(data.get("path"))  # type: ignore[arg-type]
-        raw = data.get("chunks")
-        if not isinstance(raw, list) or not 0 < len(raw) <= MAX_ANNOUNCED_CHUNKS:
-            raise ProtocolError(f"'chunks' must be a list of 1 to {MAX_ANNOUNCED_CHUNKS} chunks")
-        chunks = tuple(Chunk.from_json(c) for c in raw)
-        size = _size(data, chunks)
+        if not isinstance(data.get("chunks"), list) or not data["chunks"]:
+            raise ProtocolError("'chunks' must not be empty")
+        hash, size, chunks = _content(data, most=MAX_ANNOUNCED_CHUNKS)
         origin = data.get("origin", "")
         if not isinstance(origin, str) or len(origin) > MAX_NAME_LEN:
             raise ProtocolError("'origin' must be a client name")
-        return cls(path, check_hash(data.get("hash")), size, chunks, origin)
+        return cls(path, hash, size, chunks, origin)

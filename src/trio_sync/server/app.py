@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import trio
-from quart import Response, request
+from quart import Response, current_app, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from ..core.compression import pack, unpack
+from ..core.compression import decoded_size, pack, unpack
 from ..core.hashing import content_hash
 from ..core.offload import Offload
 from ..errors import Conflict, InvalidPath, ProtocolError, StoreError
@@ -25,6 +26,7 @@ from ..protocol.models import (
     DIR,
     MAX_CHUNK_SIZE,
     MAX_COMMITS,
+    MAX_DECODED_PER_REQUEST,
     MAX_FETCH,
     MAX_FETCH_WAIT,
     MAX_HASHES_PER_QUERY,
@@ -52,9 +54,17 @@ READ_MANY = 64
 #: Chunks up to this size are compressed on the event loop: about 10 µs for 16 KiB, less than
 #: handing the call to a thread and back.
 PACK_INLINE = 16 * 1024
-#: Room for a batch of chunks up to MAX_CHUNK_SIZE, or a commit's chunk list (about 200,000
+#: Room for a batch of chunks (clients send about 8 MiB), or a commit's chunk list (about 200,000
 #: chunks), plus framing.
-MAX_BODY = MAX_CHUNK_SIZE + 1024 * 1024
+MAX_BODY = 17 * 1024 * 1024
+#: A request body must keep coming: after a grace period (ServerConfig.body_grace), at
+#: BODY_MIN_RATE bytes a second on average. A trickled body would otherwise hold its connection
+#: and its batch for ever.
+BODY_MIN_RATE = 16 * 1024
+
+
+class BodyTooSlow(ProtocolError):
+    """The request body came slower than BODY_MIN_RATE."""
 
 
 def _error(status: int, code: str, message: str, **extra: Any) -> Response:
@@ -66,8 +76,27 @@ def _json(data: Any, status: int = 200) -> Response:
     return Response(json.dumps(data), status=status, mimetype="application/json")
 
 
+async def _body() -> AsyncGenerator[bytes, None]:
+    """The request body, piece by piece as it arrives, within MAX_BODY and the rate above."""
+    pieces = aiter(request.body)
+    start = trio.current_time() + current_app.config["BODY_GRACE"]
+    received = 0
+    while True:
+        with trio.move_on_at(start + received / BODY_MIN_RATE) as scope:
+            piece = await anext(pieces, None)
+        if scope.cancelled_caught:
+            raise BodyTooSlow(f"the request body came slower than {BODY_MIN_RATE} bytes/s")
+        if piece is None:
+            return
+        received += len(piece)
+        if received > MAX_BODY:
+            raise ProtocolError(f"a request body is at most {MAX_BODY} bytes")
+        yield piece
+
+
 async def _json_body() -> Any:
-    raw = await request.get_data()
+    async with aclosing(_body()) as body:
+        raw = b"".join([piece async for piece in body])
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -104,6 +133,7 @@ def create_app(
     *,
     server_id: str,
     keepalive: float = 15.0,
+    body_grace: float = 30.0,
     traffic: Traffic | None = None,
     commit_lock: trio.Lock | None = None,
     offload: Offload,
@@ -116,6 +146,7 @@ def create_app(
     lock = commit_lock if commit_lock is not None else trio.Lock()
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.config["BODY_TIMEOUT"] = 120
+    app.config["BODY_GRACE"] = body_grace
     app.config["RESPONSE_TIMEOUT"] = 300
 
     @app.before_request
@@ -130,6 +161,12 @@ def create_app(
     @app.errorhandler(ProtocolError)
     async def bad_request(error: Exception) -> Response:
         return _error(400, "bad_request", str(error))
+
+    @app.errorhandler(BodyTooSlow)
+    async def too_slow(error: Exception) -> Response:
+        response = _error(408, "too_slow", str(error))
+        response.headers["Connection"] = "close"
+        return response
 
     @app.errorhandler(StoreError)
     async def rejected(error: Exception) -> Response:
@@ -203,7 +240,7 @@ def create_app(
         parser = FrameParser()
         stored: list[str] = []
         rejected: list[str] = []
-        received = 0
+        decoded = 0
 
         async def store(batch: ChunkBatch, frame: Frame) -> None:
             try:
@@ -246,17 +283,22 @@ def create_app(
         failure: ProtocolError | None = None
         # The whole request is made durable at once, when the batch ends: a request cut off
         # stores none of its chunks, and the client sends them again.
-        async with blobs.batch() as batch:
+        async with blobs.batch() as batch, aclosing(_body()) as body:
             async with trio.open_nursery() as nursery:  # threads: bounded by the store's Offload
                 try:
-                    async for piece in request.body:
-                        received += len(piece)
-                        if received > MAX_BODY:
-                            raise ProtocolError(f"a chunk upload is at most {MAX_BODY} bytes")
+                    async for piece in body:
                         small: list[Frame] = []
                         for frame in parser.feed(piece):
                             if frame.encoding == MISSING:
                                 raise ProtocolError("an upload cannot send a missing chunk")
+                            # Counted before anything is decoded: what a request may cost in
+                            # memory and CPU is bounded by what it decodes to.
+                            decoded += decoded_size(frame.encoding, frame.payload)
+                            if decoded > MAX_DECODED_PER_REQUEST:
+                                raise ProtocolError(
+                                    f"the chunks of one request may decode to at most"
+                                    f" {MAX_DECODED_PER_REQUEST} bytes"
+                                )
                             if len(frame.payload) <= PACK_INLINE:
                                 small.append(frame)
                             else:

@@ -100,6 +100,7 @@ async def _serve(
         commit_lock = trio.Lock()
         app = create_app(
             meta, blobs, hub, token, server_id=server_id, keepalive=config.keepalive,
+            body_grace=config.body_grace,
             traffic=traffic, commit_lock=commit_lock, offload=io,
         )  # fmt: skip
 
