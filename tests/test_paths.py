@@ -28,6 +28,18 @@ def test_accepts_plain_relative_paths(path: str) -> None:
         ("e\u0301.txt", "NFC"),
         (".trio-sync/state.db", "reserved"),
         (".trio-sync", "reserved"),
+        # The state folder on a case-insensitive filesystem, or vfat (review M3).
+        (".TRIO-SYNC/state.db", "reserved"),
+        (".Trio-Sync/lock", "reserved"),
+        (".trio-\u017fync/x", "reserved"),
+        (".trio-sync./x", "reserved"),
+        (".trio-sync /x", "reserved"),
+        # C1 controls, separators and bidirectional controls (review L4).
+        ("a\x9bb", "control"),
+        ("a\x85b", "control"),
+        ("a\u2028b", "control"),
+        ("evil\u202etxt.exe", "bidirectional"),
+        ("a\u2066b", "bidirectional"),
         ("x" * 256, "longer than 255"),
         ("a/" * 2100 + "b", "longer than 4096"),
     ],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -148,3 +149,24 @@ def test_an_entry_from_the_server_must_agree_with_its_chunk_list() -> None:
         FileEntry.from_json({**entry, "size": 10})
     with pytest.raises(ProtocolError, match="hash"):
         FileEntry.from_json({**entry, "hash": "0" * 64})
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "extra"),
+    [
+        ("POST", "/commit", {"content": b"[" * 100_000}),  # RecursionError in the JSON parser
+        ("POST", "/commit", {"json": {"path": "f", "base_rev": 2**63}}),
+        ("GET", "/sync?cursor=%C2%B2", {}),  # "²".isdigit() is true
+        ("GET", "/sync?cursor=9223372036854775808", {}),  # past SQLite's integers
+        ("GET", "/sync?cursor=%D9%A1%D9%A2", {}),  # Arabic-Indic digits
+    ],
+    ids=["nested-json", "huge-int", "superscript-cursor", "huge-cursor", "arabic-cursor"],
+)
+async def test_odd_input_is_a_clear_400_not_a_traceback(
+    server: ServerHandle, method: str, url: str, extra: dict[str, object], caplog: Any
+) -> None:
+    """L3: these answered 500 with a full traceback each (log flooding), or a stream that died."""
+    async with httpx.AsyncClient(base_url=server.url, headers=HEADERS) as client:
+        response = await client.request(method, url, **extra)  # type: ignore[arg-type]
+    assert response.status_code == 400, response.text
+    assert "Traceback" not in caplog.text

@@ -41,6 +41,8 @@ MAX_FETCH_WAIT = 30.0
 MAX_COMMITS = 1000
 #: The most chunks one file version may have (about 1 TiB at the average chunk size).
 MAX_CHUNKS = 1_048_576
+#: Integers on the wire fit SQLite's (and most languages') signed 64 bits.
+MAX_INT = 2**63 - 1
 #: Names sent in headers (client name) are bounded and printable.
 MAX_NAME_LEN = 64
 #: Uploads of at least this many chunk bytes are announced before the chunks are sent (`POST
@@ -74,8 +76,8 @@ def check_name(value: object) -> str:
 
 def _int(data: dict[str, Any], key: str, *, minimum: int = 0) -> int:
     value = data.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ProtocolError(f"{key!r} must be an integer >= {minimum}")
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= MAX_INT:
+        raise ProtocolError(f"{key!r} must be an integer from {minimum} to {MAX_INT}")
     return value
 
 

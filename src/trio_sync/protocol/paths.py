@@ -13,7 +13,16 @@ STATE_DIR_NAME = ".trio-sync"
 MAX_PATH_BYTES = 4096
 MAX_COMPONENT_BYTES = 255
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: C0 and C1 controls (a terminal may act on U+009B), line and paragraph separators, and the
+#: bidirectional controls that make `evil\u202etxt.exe` show as `evilexe.txt`.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
+
+
+def _is_state_dir(name: str) -> bool:
+    """Whether *name* is the state folder on some filesystem: on case-insensitive ones (vfat,
+    exfat, ext4 casefold) `.TRIO-SYNC` is the same folder (casefold, not lower: the long s U+017F
+    folds to `s` there), and vfat drops trailing dots and spaces."""
+    return unicodedata.normalize("NFKC", name).casefold().rstrip(". ") == STATE_DIR_NAME
 
 
 def check_path(path: str) -> str:
@@ -25,7 +34,7 @@ def check_path(path: str) -> str:
     if not isinstance(path, str) or not path:
         raise InvalidPath("path is empty")
     if _CONTROL.search(path):
-        raise InvalidPath(f"path contains a control character: {path!r}")
+        raise InvalidPath(f"path contains a control or bidirectional character: {path!r}")
     try:
         encoded = path.encode("utf-8")
     except UnicodeEncodeError:
@@ -42,7 +51,7 @@ def check_path(path: str) -> str:
             raise InvalidPath(f"path has an empty, '.' or '..' component: {path!r}")
         if len(part.encode("utf-8")) > MAX_COMPONENT_BYTES:
             raise InvalidPath(f"path component longer than {MAX_COMPONENT_BYTES} bytes: {path!r}")
-    if parts[0] == STATE_DIR_NAME:
+    if _is_state_dir(parts[0]):
         raise InvalidPath(f"path is inside the reserved {STATE_DIR_NAME} folder: {path!r}")
     return path
 

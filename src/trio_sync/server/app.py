@@ -30,6 +30,7 @@ from ..protocol.models import (
     MAX_FETCH,
     MAX_FETCH_WAIT,
     MAX_HASHES_PER_QUERY,
+    MAX_INT,
     CommitRequest,
     FileEntry,
     Incoming,
@@ -99,7 +100,7 @@ async def _json_body() -> Any:
         raw = b"".join([piece async for piece in body])
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: `[` nested deep
         raise ProtocolError("request body is not valid JSON") from None
 
 
@@ -120,7 +121,8 @@ def _cursor() -> int | None:
     raw = request.headers.get("Last-Event-ID") or request.args.get("cursor")
     if raw is None or raw == "":
         return None
-    if not raw.isdigit() or len(raw) > 19:
+    # isascii: str.isdigit also takes "²" and Arabic-Indic digits.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) > MAX_INT:
         raise ProtocolError(f"cursor must be a non-negative integer: {raw!r}")
     return int(raw)
 
