@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sqlite3
 from collections.abc import Callable
 from contextlib import suppress
 from functools import partial
@@ -17,6 +18,7 @@ import trio
 from trio_sync.client.early import EARLY_MIN_SIZE
 from trio_sync.client.engine import Engine
 from trio_sync.errors import AuthenticationFailed, FolderInUse, ProtocolError
+from trio_sync.protocol.paths import STATE_DIR_NAME
 
 from .conftest import (
     ServerHandle,
@@ -536,3 +538,27 @@ async def test_a_client_cancelled_while_starting_releases_its_folder(
         with trio.move_on_after(i * 0.0001):
             await Engine(client_config("a")).run()
     assert await Engine(client_config("a")).sync_once() == []
+
+
+async def test_a_failing_state_database_pauses_the_path_not_the_client(
+    start_client: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review M9: an index write that failed (`database or disk is full`) ended the client with
+    a traceback. A write that cannot get the database (a real sqlite error, like a full disk)
+    now pauses that path; the client runs on and finishes once the database is back."""
+    a, b = await start_client("a"), await start_client("b")
+    blocker = sqlite3.connect(a.root / STATE_DIR_NAME / "state.db", timeout=0)
+    try:
+        blocker.execute("BEGIN EXCLUSIVE")
+        (a.root / "f.txt").write_bytes(b"written while the database is locked")
+        await eventually(
+            lambda: "cannot write the state database" in messages_text(caplog, "f.txt"),
+            timeout=20,
+        )
+    finally:
+        blocker.rollback()
+        blocker.close()
+    await in_sync(a.root, b.root, timeout=20)
+    assert (b.root / "f.txt").read_bytes() == b"written while the database is locked"
+    assert not a.done.is_set()
+    await eventually(lambda: a.engine.index.get("f.txt") is not None)

@@ -101,6 +101,11 @@ class LocalChanged(TrioSyncError):
     """The local file changed while we were working on it; look at it again."""
 
 
+class StateError(TrioSyncError):
+    """The client's state database failed (a full disk, most often); the client pauses the path
+    and tries again, the folder itself is untouched."""
+
+
 class StoreError(TrioSyncError):
     """The server's storage refused an operation (bad hash, bad size)."""
 

@@ -39,6 +39,7 @@ from ..errors import (
     RejectedByServer,
     ServerReset,
     ServerUnavailable,
+    StateError,
     TrioSyncError,
     single_error,
 )
@@ -69,6 +70,8 @@ log = logging.getLogger("trio_sync.client")
 RECHECK_DELAY = 0.2
 #: A file that changed under us this many times in a row is reported as failed (retried later).
 MAX_RECHECKS = 25
+#: A path whose index write failed (disk full) is tried again after this many seconds.
+STATE_RETRY = 5.0
 #: Live mode looks again at paths that failed (permissions, a folder in the way, ...) this often.
 RETRY_FAILED_EVERY = 30.0
 #: Announced uploads fetched ahead at once, and how many more may wait (later ones are skipped:
@@ -202,7 +205,7 @@ class Engine:
                             attempt = 0
                             ready()
                             ready = _nothing
-                except (ServerUnavailable, ServerReset, ProtocolError) as e:
+                except (ServerUnavailable, ServerReset, ProtocolError, StateError) as e:
                     # A malformed answer is treated like an outage: reconnect, reconcile again.
                     cap = min(self.config.backoff_max, self.config.backoff_initial * 2**attempt)
                     delay = cap / 2 + random.uniform(0, cap / 2)
@@ -479,6 +482,9 @@ class Engine:
                 await self._recheck(path, e, also=[prefix + name for name in e.names])
         except StillWriting:
             self.queue.defer(path, self.config.settle_seconds / 2)
+        except StateError as e:
+            log.error("%s: %s; trying again in %.0f s", path, e, STATE_RETRY)
+            self.queue.defer(path, STATE_RETRY)
         except (LocalChanged, ChunksMissing, FileNotFoundError) as e:
             await self._recheck(path, e)
         except Ignored:

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..core.offload import Offload
 from ..core.reconcile import Content, Side
+from ..errors import StateError
 from ..protocol.models import DIR, Chunk, FileEntry
 
 #: A stat cache entry recorded within this long of the file's mtime is "racy": a same-size write in
@@ -146,7 +147,10 @@ class Index:
         return await offload.run_sync(_open)
 
     async def _run(self, sql: str, params: tuple[Any, ...] = ()) -> None:
-        await self._offload.run_sync(self._conn.execute, sql, params)
+        try:
+            await self._offload.run_sync(self._conn.execute, sql, params)
+        except sqlite3.Error as e:  # the memory mirror is only changed after a write succeeds
+            raise StateError(f"cannot write the state database: {e}") from e
 
     def get(self, path: str) -> BaseEntry | None:
         return self._entries.get(path)
