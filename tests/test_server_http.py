@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -236,16 +235,6 @@ async def test_server_state_survives_a_restart(server: ServerHandle) -> None:
     assert (info["server_id"], info["rev"], info["clients"]) == (server_id, entry["rev"], [])
     assert listing[1]["path"] == "kept.txt"
     assert chunk.content == b"kept"
-
-
-def test_token_file_is_private(tmp_path: Path) -> None:
-    from trio_sync.server.auth import load_or_create_token
-
-    token, created = load_or_create_token(tmp_path)
-    assert created
-    assert len(token) >= 40
-    assert os.stat(tmp_path / "token").st_mode & 0o777 == 0o600
-    assert load_or_create_token(tmp_path) == (token, False)
 
 
 async def test_folders_are_explicit_and_the_tree_stays_consistent(server: ServerHandle) -> None:

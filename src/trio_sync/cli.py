@@ -6,7 +6,9 @@ import argparse
 import logging
 import os
 import signal
+import sqlite3
 import sys
+import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -26,6 +28,7 @@ from .errors import (
 from .memory import limit_allocator_arenas
 from .protocol.models import check_name
 from .server.serve import RunningServer, run_server
+from .server.tokens import SHARED, TokenStore
 
 log = logging.getLogger("trio_sync")
 
@@ -60,7 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     server.add_argument("--host", default="127.0.0.1", help="address to listen on")
     server.add_argument("--port", type=int, default=8080, help="port to listen on (0: any free)")
-    server.add_argument("--token", default=None, help="bearer token (or TRIO_SYNC_TOKEN)")
+    server.add_argument(
+        "--token", default=None, help="one token for every client (or TRIO_SYNC_TOKEN)"
+    )
     server.add_argument(
         "--keep-history-days",
         type=_non_negative,
@@ -69,10 +74,26 @@ def _parser() -> argparse.ArgumentParser:
         " (default: 30)",
     )
 
+    tokens = sub.add_parser("token", help="add, list or revoke client tokens")
+    tokens.add_argument(
+        "--data-dir", type=Path, default=None, help="the server's data dir (default: as server)"
+    )
+    actions = tokens.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="make a token for a new client and print it once")
+    add.add_argument("name", help="the client's name (in commits, conflict copies and logs)")
+    actions.add_parser("list", help="every token: name, created, last seen and from where")
+    revoke = actions.add_parser("revoke", help="revoke a token; its client stops within a second")
+    revoke.add_argument("name")
+
     client = sub.add_parser("client", help="keep a folder identical to the shared copy")
     client.add_argument("dir", type=Path, help="the folder to sync (created if missing)")
     client.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8080")
-    client.add_argument("--token", default=None, help="bearer token (or TRIO_SYNC_TOKEN)")
+    client.add_argument(
+        "--token",
+        default=None,
+        help="bearer token (prefer --token-file or TRIO_SYNC_TOKEN: other users see arguments)",
+    )
+    client.add_argument("--token-file", type=Path, default=None, help="read the token from FILE")
     client.add_argument("--once", action="store_true", help="reconcile once, then exit")
     client.add_argument(
         "--no-compress",
@@ -99,7 +120,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         for noisy in ("httpx", "httpcore", "hpack"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command == "token":
+        return _token_command(args)
     token = args.token or os.environ.get("TRIO_SYNC_TOKEN") or None
+    if args.command == "client" and args.token_file is not None:
+        try:
+            token = args.token_file.expanduser().read_text(encoding="utf-8").strip() or None
+        except OSError as e:
+            print(f"trio-sync: --token-file: {e}", file=sys.stderr)
+            return EXIT_USAGE
     if args.command == "server":
         server_config = ServerConfig(
             data_dir=(args.data_dir or default_data_dir()).expanduser().resolve(),
@@ -128,6 +157,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     return trio.run(client_main, config, args.once)
 
 
+def _token_command(args: argparse.Namespace) -> int:
+    data_dir = (args.data_dir or default_data_dir()).expanduser().resolve()
+    try:
+        store = TokenStore.open(data_dir)
+    except (OSError, sqlite3.Error) as e:
+        print(f"trio-sync: cannot open the tokens in {data_dir}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.action == "add":
+            token = store.add(args.name)
+            print(f"Token for {args.name} (shown only this once):\n  {token}")
+            print("Save it in a file only that client's user can read; pass it with --token-file.")
+        elif args.action == "revoke":
+            if not store.revoke(args.name):
+                print(f"trio-sync: no token named {args.name!r}", file=sys.stderr)
+                return EXIT_USAGE
+            print(f"revoked {args.name}: a running server turns it away within a second")
+        else:
+            print(f"{'NAME':24} {'CREATED':20} {'LAST SEEN':20} FROM")
+            for info in store.list():
+                name = f"{info.name} (shared)" if info.shared else info.name
+                print(
+                    f"{name:24} {_when(info.created):20} {_when(info.last_seen):20}"
+                    f" {info.last_from or '-'}"
+                )
+    except (ProtocolError, StoreError) as e:
+        print(f"trio-sync: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
 async def _until_signal(cancel_scope: trio.CancelScope, stop: trio.Event | None = None) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
@@ -150,13 +218,29 @@ async def server_main(config: ServerConfig) -> int:
                 running: RunningServer = await inner.start(partial(run_server, config, stop=stop))
                 log.info("data dir: %s", config.data_dir)
                 log.info("listening on %s (server id %s)", running.url, running.server_id)
-                if running.token_created:
-                    log.info("created a token in %s (mode 0600)", config.data_dir / "token")
-                print(
-                    f"Connect a client with:\n  trio-sync client DIR --server {running.url}"
-                    f" --token {running.token}",
-                    flush=True,
-                )
+                if running.legacy_token_taken:
+                    log.info(
+                        "the token file of the earlier version is now the token %r, stored"
+                        " hashed; its clients keep working",
+                        SHARED,
+                    )
+                if running.new_token is not None:
+                    print(
+                        f"A token for your first client (shown only this once):\n"
+                        f"  {running.new_token}\n"
+                        f"Save it in a file only you can read, then connect with:\n"
+                        f"  trio-sync client DIR --server {running.url} --token-file FILE\n"
+                        f"Each further client gets its own: trio-sync token add NAME"
+                        f" --data-dir {config.data_dir}",
+                        flush=True,
+                    )
+                else:
+                    print(
+                        f"Connect a client with:\n  trio-sync client DIR --server {running.url}"
+                        f" --token-file FILE\n(a token for it: trio-sync token add NAME"
+                        f" --data-dir {config.data_dir})",
+                        flush=True,
+                    )
         except* (OSError, StoreError) as group:  # the nursery wraps what failed in a group
             for e in group.exceptions:
                 log.error("cannot start the server: %s", e)
@@ -183,7 +267,7 @@ async def client_main(config: ClientConfig, once: bool) -> int:
             else:
                 await engine.run()
         except AuthenticationFailed as e:
-            log.error("%s; check --token / TRIO_SYNC_TOKEN", e)
+            log.error("%s; check --token-file / TRIO_SYNC_TOKEN", e)
             code = EXIT_AUTH
         except FolderInUse as e:
             log.error("%s", e)

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
 import trio
-from quart import Response, current_app, request
+from quart import Response, current_app, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -38,10 +39,11 @@ from ..protocol.models import (
     check_name,
 )
 from ..protocol.sse import format_comment, format_event
-from .auth import check_bearer
+from .auth import Authenticator, Stream
 from .hub import ChangeHub
 from .metrics import Traffic
 from .store import BlobStore, ChunkBatch, MetaStore
+from .tokens import TokenInfo
 
 log = logging.getLogger("trio_sync.server")
 
@@ -111,6 +113,10 @@ def _what(entry: FileEntry) -> str:
 
 
 def _client_name() -> str:
+    """The client's name: its token's, or with the shared token the one its header gives."""
+    info: TokenInfo = g.client
+    if not info.shared:
+        return info.name
     raw = request.headers.get(CLIENT_HEADER)
     if raw is None:
         return "unknown"
@@ -131,7 +137,7 @@ def create_app(
     meta: MetaStore,
     blobs: BlobStore,
     hub: ChangeHub,
-    token: str,
+    auth: Authenticator,
     *,
     server_id: str,
     keepalive: float = 15.0,
@@ -153,11 +159,24 @@ def create_app(
 
     @app.before_request
     async def authenticate() -> Response | None:
-        if check_bearer(request.headers.get("Authorization"), token):
-            return None
-        response = _error(401, "unauthorized", "missing or wrong bearer token")
-        response.headers["WWW-Authenticate"] = 'Bearer realm="trio-sync"'
-        return response
+        address = request.remote_addr or "unknown"
+        wait = auth.retry_after(address)
+        if wait is not None:
+            response = _error(429, "too_many_failures", "too many wrong tokens; wait")
+            response.headers["Retry-After"] = str(math.ceil(wait))
+            return response
+        info = auth.identify(request.headers.get("Authorization"))
+        if info is None:  # perhaps a token added a moment ago: look at the store once more
+            await auth.reload()
+            info = auth.identify(request.headers.get("Authorization"))
+        if info is None:
+            auth.failed(address)
+            response = _error(401, "unauthorized", "missing or wrong bearer token")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="trio-sync"'
+            return response
+        g.client = info
+        auth.saw(info.name, address)
+        return None
 
     @app.errorhandler(InvalidPath)
     @app.errorhandler(ProtocolError)
@@ -460,8 +479,17 @@ def create_app(
         name = _client_name()
         cursor = _cursor()
         start = hub.latest_rev if cursor is None else cursor
+        info: TokenInfo = g.client
+        if auth.full(info, name):
+            return _error(429, "too_many_streams", f"{name} has its share of event streams open")
 
         async def events() -> AsyncIterator[bytes]:
+            with auth.stream(info, name) as stream:
+                async with aclosing(stream_events(stream)) as pieces:
+                    async for piece in pieces:
+                        yield piece
+
+        async def stream_events(stream: Stream) -> AsyncGenerator[bytes, None]:
             subscription = hub.subscribe(name)
             log.info("%s connected (from rev %d)", name, start)
             try:
@@ -469,7 +497,7 @@ def create_app(
                 yield b"retry: 2000\n" + format_event(json.dumps(hello), event="hello")
                 position = start
                 seen = hub.announce_seq  # announcements are news, never replayed
-                while not hub.closed:
+                while not hub.closed and not stream.revoked:
                     batch = await meta.changes_since(position, EVENT_PAGE)
                     if batch:
                         # One write for the page: a tree of small files makes thousands.
@@ -483,10 +511,12 @@ def create_app(
                     if news:
                         yield b"".join(news)
                         continue
-                    with trio.move_on_after(keepalive) as idle:
+                    with trio.move_on_after(keepalive) as idle, stream.waiting():
                         await hub.wait_beyond(position, seen)
                     if idle.cancelled_caught:
                         yield format_comment("keep-alive")
+                if stream.revoked:
+                    log.info("%s: its token was revoked; ending its event stream", name)
             finally:
                 hub.unsubscribe(subscription)
                 log.info("%s disconnected", name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -18,11 +19,12 @@ from ..config import ServerConfig
 from ..core.offload import Offload
 from ..errors import StoreError
 from .app import create_app
-from .auth import load_or_create_token
+from .auth import Authenticator
 from .gc import run_periodically
 from .hub import ChangeHub
 from .metrics import CountingApp, Traffic
 from .store import DiskBlobStore, SQLiteMetaStore
+from .tokens import TokenStore
 
 log = logging.getLogger("trio_sync.server")
 
@@ -31,6 +33,8 @@ log = logging.getLogger("trio_sync.server")
 #: byte by about a quarter. It is a module constant, not a setting: a Hypercorn release without
 #: it makes this a no-op.
 RECV_SIZE = 2**20
+#: The name of the token a new server makes for its first client.
+FIRST_CLIENT = "first"
 
 
 def _read_more_per_call() -> None:
@@ -41,9 +45,11 @@ def _read_more_per_call() -> None:
 @dataclass(frozen=True, slots=True)
 class RunningServer:
     url: str
-    token: str
-    token_created: bool
     server_id: str
+    #: The token made for a first client at this start (shown once), if any.
+    new_token: str | None = None
+    #: Whether a plain-text token file of an older version was taken in as the shared token.
+    legacy_token_taken: bool = False
 
 
 async def run_server(
@@ -58,15 +64,29 @@ async def run_server(
     lock = await trio.to_thread.run_sync(_lock_data_dir, data_dir)
     # No checkpoint between taking the lock and the try: the lock must not leak.
     try:
-        if config.token:
-            token, created = config.token, False
-        else:
-            token, created = await trio.to_thread.run_sync(load_or_create_token, data_dir)
-        io = Offload(4)  # chunk files and their (de)compression
-        async with io.running():
-            await _serve(config, data_dir, token, created, io, stop, task_status)
+        tokens = await trio.to_thread.run_sync(TokenStore.open, data_dir)
+        try:
+            taken, new_token = await trio.to_thread.run_sync(_first_tokens, tokens, config)
+            auth = Authenticator(tokens, config.token)
+            io = Offload(4)  # chunk files and their (de)compression
+            async with io.running():
+                await _serve(
+                    config, data_dir, auth, io, stop, task_status,
+                    first=partial(RunningServer, new_token=new_token, legacy_token_taken=taken),
+                )  # fmt: skip
+        finally:
+            await trio.to_thread.run_sync(tokens.close)
     finally:
         os.close(lock)  # releases the flock
+
+
+def _first_tokens(tokens: TokenStore, config: ServerConfig) -> tuple[bool, str | None]:
+    """Take in an older version's token file; make a token for a first client if there is no
+    token at all. Returns (a token file was taken in, the new token or None)."""
+    taken = tokens.take_in_legacy(config.data_dir)
+    if config.token or tokens.list():
+        return taken, None
+    return taken, tokens.add(FIRST_CLIENT)
 
 
 def _lock_data_dir(data_dir: Path) -> int:
@@ -85,11 +105,12 @@ def _lock_data_dir(data_dir: Path) -> int:
 async def _serve(
     config: ServerConfig,
     data_dir: Path,
-    token: str,
-    created: bool,
+    auth: Authenticator,
     io: Offload,
     stop: trio.Event,
     task_status: trio.TaskStatus[RunningServer],
+    *,
+    first: Callable[[str, str], RunningServer],
 ) -> None:
     meta = await SQLiteMetaStore.open(data_dir / "index.db")
     try:
@@ -99,7 +120,7 @@ async def _serve(
         traffic = Traffic()
         commit_lock = trio.Lock()
         app = create_app(
-            meta, blobs, hub, token, server_id=server_id, keepalive=config.keepalive,
+            meta, blobs, hub, auth, server_id=server_id, keepalive=config.keepalive,
             body_grace=config.body_grace,
             traffic=traffic, commit_lock=commit_lock, offload=io,
         )  # fmt: skip
@@ -112,13 +133,22 @@ async def _serve(
         hc.accesslog = None
         hc.errorlog = logging.getLogger("hypercorn.error")
 
-        gc_scope = trio.CancelScope()
+        gc_scope, tokens_scope = trio.CancelScope(), trio.CancelScope()
 
         async def shutdown_trigger() -> None:
             await stop.wait()
             log.info("shutting down")
             gc_scope.cancel()
+            tokens_scope.cancel()
             hub.close()
+
+        async def watch_tokens(task_status: trio.TaskStatus[None]) -> None:
+            with tokens_scope:
+                try:
+                    await auth.watch(task_status=task_status)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await auth.save_seen()
 
         async def collect_garbage() -> None:
             with gc_scope:
@@ -141,7 +171,8 @@ async def _serve(
                 )
             )
             nursery.start_soon(collect_garbage)
-            task_status.started(RunningServer(binds[0], token, created, server_id))
+            await nursery.start(watch_tokens)
+            task_status.started(first(binds[0], server_id))
     finally:
         with trio.CancelScope(shield=True):
             await meta.aclose()
