@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -168,9 +169,10 @@ async def in_sync(*roots: Path, timeout: float = 15.0) -> None:
         ) from None
 
 
-async def traffic(server: ServerHandle) -> dict[str, Any]:
+async def traffic(server: ServerHandle, verify: ssl.SSLContext | bool = True) -> dict[str, Any]:
     """The server's request and byte counters (`GET /info`)."""
-    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with httpx.AsyncClient(headers=headers, verify=verify) as client:
         info = (await client.get(server.url + "/info")).json()
     result: dict[str, Any] = info["traffic"]
     return result

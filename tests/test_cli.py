@@ -17,6 +17,8 @@ import httpx
 import pytest
 import trio
 
+from trio_sync.core.tls import certificate_fingerprint
+
 from .conftest import eventually, tree
 
 pytestmark = pytest.mark.slow
@@ -317,4 +319,38 @@ async def test_an_older_servers_token_keeps_working_after_the_upgrade(
         "client", str(tmp_path / "dir"), "--server", url, "--token", env_token, "--once"
     )
     assert result.returncode == 0, result.stderr.decode()
+    assert await server.terminate() == 0
+
+
+async def test_the_cli_refuses_clear_http_to_another_machine(tmp_path: Path) -> None:
+    # 0.0.0.0 is not loopback by name, but a connection to it would stay on this machine.
+    refused = await run(
+        "client", str(tmp_path / "d"), "--server", "http://0.0.0.0:9", "--token", "t"
+    )
+    assert refused.returncode == 2
+    assert b"refusing http://" in refused.stderr
+    assert not (tmp_path / "d").exists()  # refused before anything else happened
+
+
+async def test_a_server_on_every_address_makes_a_certificate_and_prints_its_fingerprint(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    server = await spawn("server", "--data-dir", str(tmp_path / "data"), "--host", "0.0.0.0",
+                         "--port", "0")  # fmt: skip
+    pattern = re.compile(rb"--server https://\S+:(\d+) --fingerprint (SHA256:\S+) --token-file")
+    await eventually(lambda: pattern.search(server.output) is not None, timeout=20)
+    match = pattern.search(server.output)
+    assert match is not None
+    assert match[2].decode() == certificate_fingerprint(tmp_path / "data/tls/cert.pem")
+    token = re.search(rb"shown only this once\):\n  (\S+)\n", server.output)
+    assert token is not None
+    url = f"https://127.0.0.1:{match[1].decode()}"
+    common = ["--server", url, "--token", token[1].decode(), "--once"]
+    ok = await run("client", str(tmp_path / "a"), *common, "--fingerprint", match[2].decode())
+    assert ok.returncode == 0, ok.stderr.decode()
+    wrong = await run(
+        "client", str(tmp_path / "b"), *common, "--fingerprint", "SHA256:" + "00" * 32
+    )
+    assert wrong.returncode == 5
+    assert b"nothing was sent" in wrong.stderr
     assert await server.terminate() == 0

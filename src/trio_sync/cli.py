@@ -6,22 +6,26 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sqlite3
 import sys
 import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import trio
 
 from .client.engine import Engine
 from .config import ClientConfig, ServerConfig, default_client_name, default_data_dir
+from .core.tls import is_loopback, parse_fingerprint
 from .errors import (
     AuthenticationFailed,
     FolderInUse,
     ProtocolError,
     RemoteError,
+    ServerNotTrusted,
     StoreError,
     TrioSyncError,
 )
@@ -37,6 +41,7 @@ EXIT_OUT_OF_SYNC = 1
 EXIT_USAGE = 2
 EXIT_AUTH = 3
 EXIT_UNREACHABLE = 4
+EXIT_NOT_TRUSTED = 5
 
 
 def _non_negative(text: str) -> float:
@@ -66,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     server.add_argument(
         "--token", default=None, help="one token for every client (or TRIO_SYNC_TOKEN)"
     )
+    server.add_argument("--tls-cert", type=Path, default=None, help="TLS certificate (PEM)")
+    server.add_argument("--tls-key", type=Path, default=None, help="its private key (PEM)")
     server.add_argument(
         "--keep-history-days",
         type=_non_negative,
@@ -94,6 +101,20 @@ def _parser() -> argparse.ArgumentParser:
         help="bearer token (prefer --token-file or TRIO_SYNC_TOKEN: other users see arguments)",
     )
     client.add_argument("--token-file", type=Path, default=None, help="read the token from FILE")
+    client.add_argument(
+        "--ca-cert", type=Path, default=None, help="verify an https server against this CA (PEM)"
+    )
+    client.add_argument(
+        "--fingerprint",
+        default=None,
+        help="trust the https server whose certificate has this SHA-256 fingerprint (as the"
+        " server printed it: SHA256:AB:CD:...)",
+    )
+    client.add_argument(
+        "--allow-insecure-http",
+        action="store_true",
+        help="allow http:// to another machine (the token and every file cross in clear)",
+    )
     client.add_argument("--once", action="store_true", help="reconcile once, then exit")
     client.add_argument(
         "--no-compress",
@@ -130,12 +151,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"trio-sync: --token-file: {e}", file=sys.stderr)
             return EXIT_USAGE
     if args.command == "server":
+        if (args.tls_cert is None) != (args.tls_key is None):
+            print("trio-sync: --tls-cert and --tls-key go together", file=sys.stderr)
+            return EXIT_USAGE
         server_config = ServerConfig(
             data_dir=(args.data_dir or default_data_dir()).expanduser().resolve(),
             host=args.host,
             port=args.port,
             token=token,
             keep_history_days=args.keep_history_days,
+            tls_cert=args.tls_cert.expanduser().resolve() if args.tls_cert else None,
+            tls_key=args.tls_key.expanduser().resolve() if args.tls_key else None,
         )
         return trio.run(server_main, server_config)
     if not token:
@@ -147,14 +173,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ProtocolError as e:
         print(f"trio-sync: --name: {e}", file=sys.stderr)
         return EXIT_USAGE
+    problem = _server_url_problem(args)
+    if problem:
+        print(f"trio-sync: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    pin = parse_fingerprint(args.fingerprint) if args.fingerprint else None
     config = ClientConfig(
         root=args.dir.expanduser().resolve(),
         server_url=args.server,
+        ca_cert=args.ca_cert.expanduser().resolve() if args.ca_cert else None,
+        fingerprint=pin,
         token=token,
         name=name,
         compress=args.compress,
     )
     return trio.run(client_main, config, args.once)
+
+
+def _server_url_problem(args: argparse.Namespace) -> str | None:
+    """Why the client must not use --server as given (checked before any connection)."""
+    url = urlsplit(args.server)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        return f"--server must be an http:// or https:// URL: {args.server!r}"
+    if url.scheme == "http" and not is_loopback(url.hostname) and not args.allow_insecure_http:
+        return (
+            f"refusing http:// to {url.hostname}: the token and every file would cross the"
+            " network in clear. Use the https:// URL the server printed (with its"
+            " --fingerprint), or --allow-insecure-http if this network is yours alone"
+        )
+    if args.fingerprint is not None:
+        if url.scheme != "https":
+            return "--fingerprint needs an https:// server URL"
+        try:
+            parse_fingerprint(args.fingerprint)
+        except ValueError as e:
+            return f"--fingerprint: {e}"
+    return None
 
 
 def _token_command(args: argparse.Namespace) -> int:
@@ -188,6 +242,14 @@ def _token_command(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return EXIT_OK
+
+
+def _reachable(url: str) -> str:
+    """*url* with an address other machines can use in place of "listen on every address"."""
+    parts = urlsplit(url)
+    if parts.hostname in ("0.0.0.0", "::"):
+        return f"{parts.scheme}://{socket.gethostname()}:{parts.port}"
+    return url
 
 
 def _when(timestamp: float | None) -> str:
@@ -224,19 +286,23 @@ async def server_main(config: ServerConfig) -> int:
                         " hashed; its clients keep working",
                         SHARED,
                     )
+                url = _reachable(running.url)
+                pin = f" --fingerprint {running.fingerprint}" if running.self_signed else ""
+                if running.fingerprint is not None:
+                    log.info("TLS certificate fingerprint: %s", running.fingerprint)
                 if running.new_token is not None:
                     print(
                         f"A token for your first client (shown only this once):\n"
                         f"  {running.new_token}\n"
                         f"Save it in a file only you can read, then connect with:\n"
-                        f"  trio-sync client DIR --server {running.url} --token-file FILE\n"
+                        f"  trio-sync client DIR --server {url}{pin} --token-file FILE\n"
                         f"Each further client gets its own: trio-sync token add NAME"
                         f" --data-dir {config.data_dir}",
                         flush=True,
                     )
                 else:
                     print(
-                        f"Connect a client with:\n  trio-sync client DIR --server {running.url}"
+                        f"Connect a client with:\n  trio-sync client DIR --server {url}{pin}"
                         f" --token-file FILE\n(a token for it: trio-sync token add NAME"
                         f" --data-dir {config.data_dir})",
                         flush=True,
@@ -266,6 +332,9 @@ async def client_main(config: ClientConfig, once: bool) -> int:
                     log.info("%s and %s agree", config.root, config.server_url)
             else:
                 await engine.run()
+        except ServerNotTrusted as e:
+            log.error("%s; nothing was sent to it (check --server, --fingerprint, --ca-cert)", e)
+            code = EXIT_NOT_TRUSTED
         except AuthenticationFailed as e:
             log.error("%s; check --token-file / TRIO_SYNC_TOKEN", e)
             code = EXIT_AUTH

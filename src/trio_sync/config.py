@@ -32,6 +32,10 @@ class ServerConfig:
     keep_alive_timeout: float = 5.0
     #: A request body may take this long before it must arrive at 16 KiB/s on average.
     body_grace: float = 30.0
+    #: TLS: the certificate (chain) and its key, PEM. A server on a non-loopback address without
+    #: them makes a self-signed pair in its data dir.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     #: Replaced versions are kept this long (their chunks too), then garbage-collected.
     keep_history_days: float = 30.0
     #: Seconds between garbage collection passes.
@@ -72,3 +76,7 @@ class ClientConfig:
     #: the commit has not come this many seconds after the fetching stopped: the upload was given
     #: up, or committed under another name after a conflict.
     ahead_keep_seconds: float = 3600.0
+    #: How an https server is verified: a CA file (else the system's CAs), or a pinned SHA-256
+    #: fingerprint of its certificate (`core.tls.parse_fingerprint`).
+    ca_cert: Path | None = None
+    fingerprint: bytes | None = None

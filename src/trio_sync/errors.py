@@ -40,6 +40,11 @@ class AuthenticationFailed(RemoteError):
     """The server rejected our token. Retrying cannot help."""
 
 
+class ServerNotTrusted(RemoteError):
+    """The server could not be verified (TLS): its certificate is not the pinned one, or no
+    trusted CA signed it. Nothing was sent to it; retrying cannot help."""
+
+
 class RejectedByServer(RemoteError):
     """A 4xx other than 401/409: the request itself is wrong."""
 

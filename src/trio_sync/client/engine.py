@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import shutil
+import ssl
 import time
 import unicodedata
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -28,6 +29,7 @@ from ..core.durable import group_syncer, unlink_quietly
 from ..core.ignore import IGNORE_FILE, IgnoreRules
 from ..core.offload import Offload
 from ..core.reconcile import Action, Content, Side, decide
+from ..core.tls import client_context, pinned_context
 from ..errors import (
     ChunksMissing,
     Conflict,
@@ -153,9 +155,22 @@ class Engine:
                 await trio.to_thread.run_sync(partial(shutil.rmtree, tmp, ignore_errors=True))
                 os.close(lock)  # releases the flock
 
-    def _remote(self) -> Remote:
+    @asynccontextmanager
+    async def _remote(self) -> AsyncIterator[Remote]:
         c = self.config
-        return Remote(c.server_url, c.token, c.name, stream_idle_timeout=c.stream_idle_timeout)
+        verify: ssl.SSLContext | bool = True
+        if c.server_url.startswith("https:"):
+            if c.fingerprint is not None:
+                try:  # verified before anything is sent: the token never meets an impostor
+                    verify = await pinned_context(c.server_url, c.fingerprint)
+                except (OSError, trio.TooSlowError) as e:
+                    raise ServerUnavailable(f"cannot reach {c.server_url}: {e!r}") from e
+            else:
+                verify = await trio.to_thread.run_sync(client_context, c.ca_cert)
+        async with Remote(
+            c.server_url, c.token, c.name, stream_idle_timeout=c.stream_idle_timeout, verify=verify
+        ) as remote:
+            yield remote
 
     def _transfer(self, batches: Batches, remote: Remote, landing: Landing) -> Transfer:
         return Transfer(

@@ -4,6 +4,7 @@ one place where httpx errors and HTTP status codes become our exceptions."""
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import aclosing, asynccontextmanager
 from typing import Any, NoReturn, TypeVar, cast
@@ -19,6 +20,7 @@ from ..errors import (
     ProtocolError,
     RejectedByServer,
     RemoteError,
+    ServerNotTrusted,
     ServerUnavailable,
 )
 from ..protocol.frames import MEDIA_TYPE, MISSING, Frame, FrameParser, frame_header
@@ -42,6 +44,17 @@ WRITE_SIZE = 256 * 1024
 T = TypeVar("T")
 
 
+def _unavailable(method: str, url: str, error: httpx.TransportError) -> RemoteError:
+    """A transport error as ours: an outage to retry, unless the server could not be verified,
+    which no retry mends."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return ServerNotTrusted(f"cannot verify the server's certificate: {cause}")
+        cause = cause.__cause__ or cause.__context__
+    return ServerUnavailable(f"{method} {url}: {error!r}")
+
+
 def _closing(iterator: AsyncIterator[T]) -> aclosing[AsyncGenerator[T, None]]:
     """httpx's body iterators are async generators typed as iterators; close them promptly."""
     return aclosing(cast(AsyncGenerator[T, None], iterator))
@@ -55,9 +68,12 @@ class Remote:
         name: str,
         *,
         stream_idle_timeout: float = 45.0,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
+        """*verify*: how an https server is verified (core/tls.py)."""
         self._client = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
+            verify=verify,
             headers={
                 "Authorization": f"Bearer {token}",
                 CLIENT_HEADER: name,
@@ -78,7 +94,7 @@ class Remote:
         try:
             response = await self._client.request(method, url, **kwargs)
         except httpx.TransportError as e:
-            raise ServerUnavailable(f"{method} {url}: {e!r}") from e
+            raise _unavailable(method, url, e) from e
         if response.status_code >= 300:
             _raise_for_status(response)
         return response
@@ -97,7 +113,7 @@ class Remote:
                 async with _closing(response.aiter_raw()) as pieces:
                     yield pieces
         except httpx.TransportError as e:
-            raise ServerUnavailable(f"{method} {url}: {e!r}") from e
+            raise _unavailable(method, url, e) from e
 
     async def info(self) -> dict[str, Any]:
         data = _json((await self._request("GET", "/info")).content)

@@ -17,6 +17,7 @@ from hypercorn.trio import tcp_server as hypercorn_tcp_server
 
 from ..config import ServerConfig
 from ..core.offload import Offload
+from ..core.tls import certificate_fingerprint, is_loopback, make_self_signed
 from ..errors import StoreError
 from .app import create_app
 from .auth import Authenticator
@@ -50,6 +51,9 @@ class RunningServer:
     new_token: str | None = None
     #: Whether a plain-text token file of an older version was taken in as the shared token.
     legacy_token_taken: bool = False
+    #: With TLS: the served certificate's fingerprint, and whether it is one we made.
+    fingerprint: str | None = None
+    self_signed: bool = False
 
 
 async def run_server(
@@ -67,17 +71,50 @@ async def run_server(
         tokens = await trio.to_thread.run_sync(TokenStore.open, data_dir)
         try:
             taken, new_token = await trio.to_thread.run_sync(_first_tokens, tokens, config)
+            tls = await trio.to_thread.run_sync(_tls_files, config)
             auth = Authenticator(tokens, config.token)
             io = Offload(4)  # chunk files and their (de)compression
             async with io.running():
                 await _serve(
                     config, data_dir, auth, io, stop, task_status,
-                    first=partial(RunningServer, new_token=new_token, legacy_token_taken=taken),
+                    tls=tls,
+                    first=partial(
+                        RunningServer, new_token=new_token, legacy_token_taken=taken,
+                        fingerprint=tls.fingerprint if tls else None,
+                        self_signed=tls.self_signed if tls else False,
+                    ),
                 )  # fmt: skip
         finally:
             await trio.to_thread.run_sync(tokens.close)
     finally:
         os.close(lock)  # releases the flock
+
+
+@dataclass(frozen=True, slots=True)
+class _Tls:
+    cert: Path
+    key: Path
+    fingerprint: str
+    self_signed: bool
+
+
+def _tls_files(config: ServerConfig) -> _Tls | None:
+    """The certificate to serve: the user's, or on a non-loopback address without one a
+    self-signed one kept in the data dir (made on first start). None: plain HTTP on loopback."""
+    if config.tls_cert is not None and config.tls_key is not None:
+        cert, key, made = config.tls_cert, config.tls_key, False
+    elif is_loopback(config.host):
+        return None
+    else:
+        cert, key, made = (
+            config.data_dir / "tls" / "cert.pem",
+            config.data_dir / "tls" / "key.pem",
+            True,
+        )
+        if not (cert.exists() and key.exists()):
+            make_self_signed(cert, key, config.host)
+            log.info("made a self-signed certificate in %s", cert.parent)
+    return _Tls(cert, key, certificate_fingerprint(cert), made)
 
 
 def _first_tokens(tokens: TokenStore, config: ServerConfig) -> tuple[bool, str | None]:
@@ -110,6 +147,7 @@ async def _serve(
     stop: trio.Event,
     task_status: trio.TaskStatus[RunningServer],
     *,
+    tls: _Tls | None,
     first: Callable[[str, str], RunningServer],
 ) -> None:
     meta = await SQLiteMetaStore.open(data_dir / "index.db")
@@ -130,6 +168,8 @@ async def _serve(
         hc.bind = [f"{host}:{config.port}"]
         hc.graceful_timeout = config.graceful_timeout
         hc.keep_alive_timeout = config.keep_alive_timeout
+        if tls is not None:
+            hc.certfile, hc.keyfile = os.fspath(tls.cert), os.fspath(tls.key)
         hc.accesslog = None
         hc.errorlog = logging.getLogger("hypercorn.error")
 

@@ -1,0 +1,79 @@
+"""TLS: the server serves a certificate, the client trusts it only as the user said (a pinned
+fingerprint, a CA file, the system's CAs), and the token is never sent before that."""
+
+from __future__ import annotations
+
+import re
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from trio_sync.client.engine import Engine
+from trio_sync.config import ClientConfig
+from trio_sync.core.tls import (
+    certificate_fingerprint,
+    fingerprint,
+    make_self_signed,
+    parse_fingerprint,
+)
+from trio_sync.errors import ServerNotTrusted
+
+from .conftest import ServerHandle, in_sync, requests_between, traffic
+
+Make = Callable[..., ClientConfig]
+
+
+@pytest.fixture
+async def tls_server(nursery: trio.Nursery, tmp_path: Path) -> ServerHandle:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    make_self_signed(cert, key, "127.0.0.1")
+    server = ServerHandle(tmp_path / "tls", nursery, settings={"tls_cert": cert, "tls_key": key})
+    await server.start()
+    assert server.url.startswith("https://")
+    return server
+
+
+def test_fingerprints_print_and_parse_alike(tmp_path: Path) -> None:
+    make_self_signed(tmp_path / "c.pem", tmp_path / "k.pem", "127.0.0.1")
+    printed = certificate_fingerprint(tmp_path / "c.pem")
+    assert re.fullmatch(r"SHA256:([0-9A-F]{2}:){31}[0-9A-F]{2}", printed)
+    assert parse_fingerprint(printed) == parse_fingerprint(printed.replace(":", "").lower()[6:])
+    assert (tmp_path / "k.pem").stat().st_mode & 0o777 == 0o600
+    with pytest.raises(ValueError, match="fingerprint"):
+        parse_fingerprint("SHA256:12:34")
+    assert fingerprint(b"x").startswith("SHA256:")
+
+
+async def test_clients_sync_over_tls_with_a_pinned_fingerprint_or_a_ca_file(
+    tls_server: ServerHandle, start_client: Callable[..., Any], tmp_path: Path
+) -> None:
+    pin = parse_fingerprint(certificate_fingerprint(tmp_path / "cert.pem"))
+    a = await start_client("a", server_url=tls_server.url, fingerprint=pin)
+    b = await start_client("b", server_url=tls_server.url, ca_cert=tmp_path / "cert.pem")
+    (a.root / "secret.txt").write_bytes(b"only over TLS")
+    await in_sync(a.root, b.root)
+    assert (b.root / "secret.txt").read_bytes() == b"only over TLS"
+
+
+@pytest.mark.parametrize("how", ["wrong-pin", "system-cas"])
+async def test_an_unverified_server_gets_nothing(
+    tls_server: ServerHandle, client_config: Make, tmp_path: Path, how: str
+) -> None:
+    """Neither a request nor the token reaches a server the client could not verify."""
+    pin = bytes(32) if how == "wrong-pin" else None
+    config = client_config("c", server_url=tls_server.url, fingerprint=pin)
+    before = await _traffic(tls_server, tmp_path)
+    with pytest.raises(ServerNotTrusted):
+        await Engine(config).sync_once()
+    after = await _traffic(tls_server, tmp_path)
+    assert sum(after["requests"].values()) - sum(before["requests"].values()) == 1  # ours
+    assert requests_between(before, after, "GET /info") == 1
+
+
+async def _traffic(server: ServerHandle, tmp_path: Path) -> dict[str, Any]:
+    context = ssl.create_default_context(cafile=tmp_path / "cert.pem")
+    return await traffic(server, verify=context)
