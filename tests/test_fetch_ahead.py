@@ -3,6 +3,7 @@ the server, so that little is left to do when the commit comes."""
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable
 from contextlib import aclosing
@@ -393,3 +394,38 @@ async def test_files_fetched_ahead_are_still_known_after_a_reconnection(
         await upload(a, later)
     kept = partial_name("other.bin", content_hash([c for c, _ in later]))
     await eventually(lambda: [p.name for p in partials.iterdir()] == [kept], timeout=5)
+
+
+async def test_announcements_are_not_fetched_ahead_past_the_quota(
+    start_client: Start, server: ServerHandle, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review M1: a 1.4 KB announcement made every live client write 256 MiB ahead of a commit
+    that never came. Fetching ahead is bounded by a quota and by half the free space."""
+    caplog.set_level(logging.INFO)
+    content = random.Random(8).randbytes(16 * MiB)
+    pieces = chunked(content)
+    b = tmp_path / "b"
+    await start_client("b", ahead_quota=8 * MiB)
+    async with http(server, "A") as a:
+        assert (await a.post("/announce", json=announcement("big.bin", pieces))).status_code == 200
+        await eventually(lambda: "not fetching big.bin ahead" in caplog.text)
+        await upload(a, pieces)
+        assert list((b / STATE_DIR_NAME / PARTIAL_DIR).iterdir()) == []
+        await commit(a, "big.bin", pieces)
+    await eventually(lambda: (b / "big.bin").exists() and (b / "big.bin").read_bytes() == content)
+
+
+async def test_a_download_waits_for_free_space_instead_of_filling_the_disk(
+    start_client: Start, server: ServerHandle, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client never fills its disk with a download: with less free space than the file and the
+    reserve, it says so and waits (the reserve is set past any disk here to make that so)."""
+    b = await start_client("b", free_space_reserve=2**62)
+    content = random.Random(9).randbytes(3 * MiB)
+    async with http(server, "A") as a:
+        pieces = chunked(content)
+        await upload(a, pieces)
+        await commit(a, "big.bin", pieces)
+    await eventually(lambda: "big.bin: not enough free space" in caplog.text)
+    assert not (b.root / "big.bin").exists()
+    assert not b.done.is_set()  # paused, not ended

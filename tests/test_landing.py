@@ -164,3 +164,13 @@ def test_an_nfc_rename_onto_a_taken_name_keeps_both(tmp_path: Path) -> None:
     assert new.startswith("caf\u00e9.sync-conflict-")
     assert (tmp_path / new).read_bytes() == b"decomposed"
     assert (tmp_path / "caf\u00e9").read_bytes() == b"composed"
+
+
+def test_a_conflict_name_fits_the_filesystem_however_long_the_original() -> None:
+    """Review L7: a name of more than about 218 bytes made a conflict copy name over 255 bytes,
+    and the conflict was retried for ever."""
+    for name in ["é" * 120 + ".txt", "x" * 255, "a." + "e" * 250, "ü" * 127]:
+        copy = conflict_name(f"dir/{name}", "laptop", WHEN).split("/")[1]
+        assert len(copy.encode("utf-8")) <= 255
+        assert "sync-conflict-20261202-072629-laptop" in copy
+        assert copy[:1] == name[:1]

@@ -76,6 +76,12 @@ class ClientConfig:
     #: the commit has not come this many seconds after the fetching stopped: the upload was given
     #: up, or committed under another name after a conflict.
     ahead_keep_seconds: float = 3600.0
+    #: Announced uploads are fetched ahead only while the partial files of all of them stay
+    #: within this many bytes and the new one within half the free space: an announcement costs
+    #: its sender nothing, and it commits nothing.
+    ahead_quota: int = 8 * 1024**3
+    #: A download that would leave less free space than this waits until there is more.
+    free_space_reserve: int = 256 * 1024**2
     #: How an https server is verified: a CA file (else the system's CAs), or a pinned SHA-256
     #: fingerprint of its certificate (`core.tls.parse_fingerprint`).
     ca_cert: Path | None = None

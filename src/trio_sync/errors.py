@@ -111,6 +111,10 @@ class StateError(TrioSyncError):
     and tries again, the folder itself is untouched."""
 
 
+class DiskFull(TrioSyncError):
+    """Not enough free space for a download; the client waits for space and tries again."""
+
+
 class StoreError(TrioSyncError):
     """The server's storage refused an operation (bad hash, bad size)."""
 

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ..core.renames import RenameUnsupported, rename_noreplace
+from ..protocol.paths import MAX_COMPONENT_BYTES
 
 #: A tag this module wrote. The client's part never holds a "." (see `_tag`), so a tag ends at
 #: the next "." (the extension) or at the end of the name.
@@ -33,13 +34,23 @@ def _tag(client: str, when: datetime) -> str:
 
 
 def conflict_name(path: str, client: str, when: datetime) -> str:
-    """`dir/report.docx` → `dir/report.sync-conflict-20261124-153012-laptop.docx`."""
+    """`dir/report.docx` → `dir/report.sync-conflict-20261124-153012-laptop.docx`. The stem is
+    shortened (at a character boundary) where the name would not fit in MAX_COMPONENT_BYTES."""
     folder, _, name = path.rpartition("/")
     stem, dot, ext = original_name(name).rpartition(".")
     if not stem:  # no extension, or a dotfile such as ".bashrc"
         stem, dot, ext = original_name(name), "", ""
-    new = f"{stem}.{_tag(client, when)}{dot}{ext}"
+    tail = f".{_tag(client, when)}{dot}{ext}"
+    room = MAX_COMPONENT_BYTES - len(tail.encode("utf-8"))
+    if room < 1:  # an extension too long to keep: the tag alone, after the stem's start
+        tail, room = f".{_tag(client, when)}", MAX_COMPONENT_BYTES - len(_tag(client, when)) - 1
+    new = _cut(stem, room) + tail
     return f"{folder}/{new}" if folder else new
+
+
+def _cut(text: str, limit: int) -> str:
+    """*text* cut to at most *limit* UTF-8 bytes, never inside a character."""
+    return text.encode("utf-8")[:limit].decode("utf-8", errors="ignore")
 
 
 def free_conflict_name(root: Path, path: str, client: str) -> str:

@@ -33,6 +33,7 @@ from ..core.tls import client_context, pinned_context
 from ..errors import (
     ChunksMissing,
     Conflict,
+    DiskFull,
     FolderInUse,
     IncompatibleServer,
     InvalidPath,
@@ -62,6 +63,7 @@ from .transfer import (
     FolderNotEmpty,
     Parking,
     PartialFiles,
+    SpaceLimits,
     Transfer,
 )
 from .watcher import watch
@@ -186,6 +188,7 @@ class Engine:
             landing,
             self._partials,
             compress=self.config.compress,
+            space=SpaceLimits(self.config.free_space_reserve, self.config.ahead_quota),
         )
 
     # -- the two modes ----------------------------------------------------------------------
@@ -500,6 +503,9 @@ class Engine:
         except StateError as e:
             log.error("%s: %s; trying again in %.0f s", path, e, STATE_RETRY)
             self.queue.defer(path, STATE_RETRY)
+        except DiskFull as e:
+            log.error("%s (trying again in %.0f s)", e, RETRY_FAILED_EVERY)
+            self.queue.defer(path, RETRY_FAILED_EVERY)
         except (LocalChanged, ChunksMissing, FileNotFoundError) as e:
             await self._recheck(path, e)
         except Ignored:

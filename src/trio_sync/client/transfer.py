@@ -19,6 +19,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TypeVar, TypeVarTuple, Unpack
@@ -30,6 +31,7 @@ from ..core.durable import unlink_quietly
 from ..core.hashing import hash_bytes
 from ..core.offload import Offload
 from ..errors import (
+    DiskFull,
     LocalChanged,
     ProtocolError,
     RemoteError,
@@ -158,6 +160,14 @@ class PartialFiles:
             done.set()
 
 
+@dataclass(frozen=True, slots=True)
+class SpaceLimits:
+    """Free space a download leaves, and bytes fetched ahead at most (ClientConfig)."""
+
+    reserve: int = 256 * 1024**2
+    ahead_quota: int = 8 * 1024**3
+
+
 class Transfer:
     def __init__(
         self,
@@ -174,6 +184,7 @@ class Transfer:
         partials: PartialFiles,
         *,
         compress: bool,
+        space: SpaceLimits = SpaceLimits(),
     ) -> None:
         self.root = root
         self.tmp_dir = state_dir / "tmp"
@@ -187,6 +198,7 @@ class Transfer:
         self._budget = budget
         self._landing = landing
         self._compress = compress
+        self._space = space
         self._umask = _umask()
         self._names = itertools.count()
         self._partials = partials
@@ -372,6 +384,13 @@ class Transfer:
             if resumable
             else self._temp_name()
         )
+        if entry.size > SMALL_DOWNLOAD:
+            free = await self._thread(_free_bytes, self.partial_dir)
+            if entry.size > free - self._space.reserve:
+                raise DiskFull(
+                    f"{entry.path}: not enough free space ({entry.size} bytes needed, {free}"
+                    f" free, {self._space.reserve} kept free); waiting for space"
+                )
         sources = {c.hash: self.index.chunk_sources(c.hash) for c in entry.chunks}
         parked = self._parking.take(entry.hash)
         if entry.size <= SMALL_DOWNLOAD and parked is None and not any(sources.values()):
@@ -440,6 +459,13 @@ class Transfer:
             try:
                 await self.drop_stale_ahead()
                 await self._drop_stale_partials(incoming.path, work)
+                kept, free = await self._thread(_partial_usage, self.partial_dir, work)
+                if kept + incoming.size > self._space.ahead_quota or incoming.size > free // 2:
+                    log.info(
+                        "not fetching %s ahead: %d bytes would pass the quota (%d kept) or"
+                        " half the free space (%d)", incoming.path, incoming.size, kept, free,
+                    )  # fmt: skip
+                    return 0
                 async with self._partials.claim(work):
                     if self._have(incoming):
                         return 0  # committed and downloaded while we waited for the file
@@ -845,3 +871,19 @@ class FolderNotEmpty(LocalChanged):
         super().__init__(f"{path}: folder is not empty yet")
         self.path = path
         self.names = names
+
+
+def _free_bytes(folder: Path) -> int:
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
+
+
+def _partial_usage(folder: Path, besides: Path) -> tuple[int, int]:
+    """(bytes the partial files other than *besides* stand for, free bytes)."""
+    held = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.path != os.fspath(besides):
+                with contextlib.suppress(FileNotFoundError):
+                    held += entry.stat(follow_symlinks=False).st_size
+    return held, _free_bytes(folder)
