@@ -40,6 +40,17 @@ def soak(session: nox.Session) -> None:
 
 
 @nox.session
+def fuzz(session: nox.Session) -> None:
+    """Random input against a live server, TRIO_SYNC_FUZZ_EXAMPLES (default 5000) per test."""
+    session.install("-e", ".[test]")
+    examples = session.env.get("TRIO_SYNC_FUZZ_EXAMPLES", "5000")
+    session.run(
+        "pytest", "tests/test_fuzz.py", "tests/test_server_limits.py", *session.posargs,
+        env={"TRIO_SYNC_FUZZ_EXAMPLES": examples},
+    )  # fmt: skip
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     session.install("-e", ".")
     session.run("python", "benchmarks/bench.py", *session.posargs)
