@@ -170,3 +170,28 @@ async def test_odd_input_is_a_clear_400_not_a_traceback(
         response = await client.request(method, url, **extra)  # type: ignore[arg-type]
     assert response.status_code == 400, response.text
     assert "Traceback" not in caplog.text
+
+
+async def test_a_damaged_chunk_is_never_served_and_the_next_upload_repairs_it(
+    server: ServerHandle, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review L2: a chunk overwritten on disk ("hello" → "jello") was served for ever, and an
+    upload of the right bytes was answered "stored" without repairing it."""
+    data = b"hello"
+    name = hash_bytes(data)
+    async with httpx.AsyncClient(base_url=server.url, headers=HEADERS) as client:
+        assert (await client.put(f"/chunks/{name}", content=data)).status_code == 201
+        (stored,) = (server.data_dir / "chunks").glob(f"**/{name}")
+        stored.write_bytes(b"jello")  # bit rot, a bad restore
+
+        assert (await client.get(f"/chunks/{name}")).status_code == 404  # not the damaged bytes
+        assert "damaged" in caplog.text
+        missing = await client.post("/chunks/missing", json={"hashes": [name]})
+        assert missing.json()["missing"] == [name]  # so a client sends it again
+
+        assert (await client.put(f"/chunks/{name}", content=data)).status_code == 201
+        assert (await client.get(f"/chunks/{name}")).content == data
+
+        stored.write_bytes(b"jello")  # damaged again; an upload alone repairs it
+        assert (await client.put(f"/chunks/{name}", content=data)).status_code == 201
+        assert stored.read_bytes() == data

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -43,6 +44,8 @@ from ..protocol.models import (
     FileEntry,
     check_hash,
 )
+
+log = logging.getLogger("trio_sync.server")
 
 #: What one commit of a batch came to: (entry, created_new_revision), or why it was refused.
 CommitResult = tuple[FileEntry, bool] | Conflict | StoreError
@@ -541,13 +544,15 @@ class DiskBlobStore:
     def _stage(self, hash: str, data: bytes) -> tuple[str, str] | None:
         """Write a checked chunk to a temp file: (temp, final), or None if it is stored already."""
         final = self._path(hash)
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(final)  # already stored: just fresh again for garbage collection
-            return None
         if len(data) > MAX_CHUNK_SIZE or not data:
             raise StoreError(f"chunk size must be 1..{MAX_CHUNK_SIZE} bytes")
         if hash_bytes(data) != hash:
             raise StoreError("chunk content does not match its hash")
+        if self._get(hash) is not None:  # stored and sound: just fresh again for the collector
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(final)
+                return None
+        # Not stored, or stored damaged (`_get` removed it): these checked bytes repair it.
         tmp = f"{self._tmp}/{hash}.{next(self._names)}.part"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -607,11 +612,21 @@ class DiskBlobStore:
             await batch.add(hash, data)
 
     def _get(self, hash: str) -> bytes | None:
+        """The chunk's bytes, verified; None if it is not stored. A chunk whose bytes no longer
+        match its hash (a bad disk, a restore gone wrong) is removed, so that the store reports
+        it missing and the next upload of that content stores it again."""
+        path = self._path(hash)
         try:
-            with open(self._path(hash), "rb") as f:
-                return f.read()
+            with open(path, "rb") as f:
+                data = f.read()
         except FileNotFoundError:
             return None
+        if hash_bytes(data) == hash:
+            return data
+        log.error("chunk %s is damaged on disk (%d bytes); removed until it is uploaded again",
+                  hash, len(data))  # fmt: skip
+        unlink_quietly(path)
+        return None
 
     async def get(self, hash: str) -> bytes | None:
         return await self._offload.run_sync(self._get, hash)
