@@ -152,7 +152,7 @@ def test_moving_aside_never_replaces_an_existing_copy(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_bytes(b"mine")
     taken = tmp_path / conflict_name("a.txt", "me", datetime.now(UTC))
     taken.write_bytes(b"an older copy")
-    copy = move_aside(tmp_path, tmp_path / "a.txt", "a.txt", "me")
+    copy = move_aside(tmp_path / "a.txt", "a.txt", "me")
     assert (tmp_path / copy).read_bytes() == b"mine"
     assert taken.read_bytes() == b"an older copy"
 

@@ -53,28 +53,32 @@ def _cut(text: str, limit: int) -> str:
     return text.encode("utf-8")[:limit].decode("utf-8", errors="ignore")
 
 
-def free_conflict_name(root: Path, path: str, client: str) -> str:
-    """A conflict name for *path* that nothing in *root* holds now. Blocking."""
+def free_conflict_name(folder: Path, path: str, client: str) -> str:
+    """A conflict name for *path* (a wire path) whose last component nothing in *folder*, the
+    local folder that holds *path*, has now. Blocking."""
     when = datetime.now(UTC)
     candidate = conflict_name(path, client, when)
     n = 1
-    while os.path.lexists(root / candidate):
+    while os.path.lexists(folder / candidate.rpartition("/")[2]):
         n += 1
         candidate = conflict_name(path, f"{client}-{n}", when)
     return candidate
 
 
-def move_aside(root: Path, source: Path, path: str, client: str) -> str:
-    """Rename *source* to a free conflict name of *path* in *root*, never over another file
-    (a name taken in the meantime is skipped). Returns the new wire path. Blocking."""
+def move_aside(source: Path, path: str, client: str, *, folder: Path | None = None) -> str:
+    """Rename *source*, the local file or folder of wire path *path*, to a free conflict name
+    in *folder* (by default the one it is in), never over another file (a name taken in the
+    meantime is skipped). Returns the new wire path. Blocking."""
+    folder = source.parent if folder is None else folder
     while True:
-        candidate = free_conflict_name(root, path, client)
+        candidate = free_conflict_name(folder, path, client)
+        target = folder / candidate.rpartition("/")[2]
         try:
-            rename_noreplace(source, root / candidate)
+            rename_noreplace(source, target)
         except FileExistsError:
             continue  # taken since we looked: find another
         except RenameUnsupported:
-            os.rename(source, root / candidate)
+            os.rename(source, target)
         return candidate
 
 
@@ -84,9 +88,17 @@ def normalize_name(root: Path, rel: str, client: str) -> str:
     try:
         rename_noreplace(root / rel, root / target)
     except FileExistsError:
-        return move_aside(root, root / rel, target, client)
+        return _renamed_aside(root, rel, target, client)
     except RenameUnsupported:
         if os.path.lexists(root / target):
-            return move_aside(root, root / rel, target, client)
+            return _renamed_aside(root, rel, target, client)
         os.rename(root / rel, root / target)
     return target
+
+
+def _renamed_aside(root: Path, rel: str, target: str, client: str) -> str:
+    """*rel* renamed to a conflict name of *target*, in *rel*'s folder."""
+    folder, _, _ = rel.rpartition("/")
+    if unicodedata.normalize("NFC", folder) != folder:
+        raise OSError(f"{rel!r}: its folder needs its NFC name first")
+    return move_aside(root / rel, target, client)

@@ -21,6 +21,7 @@ import stat
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -32,7 +33,7 @@ from ..errors import LocalChanged
 from .batching import Batcher, Pending
 from .conflicts import move_aside
 from .index import StatKey
-from .scanner import LocalFile, local_path, stat_key
+from .scanner import LocalFile, anchored, stat_key
 
 #: Files placed by one batch at most.
 MAX_BATCH = 256
@@ -66,22 +67,24 @@ def place(
     """Rename *tmp* to *path* if that is still *expected*; returns the placed file's stat. With
     *sync*, the folder is fsynced; the caller must have fsynced *tmp* already. A user's file
     that must be moved aside gets a conflict name with *client* in it. Blocking."""
-    target = local_path(root, path)
-    folder = os.path.dirname(target)
-    if not os.path.isdir(folder):
-        os.makedirs(folder, exist_ok=True)
-        local_path(root, path)  # re-check: mkdir must not have raced with a symlink
-    check_unchanged(target, expected, path)
-    # Taken from the temp file: a rename keeps inode, size and mtime, and a stat of the target
-    # after it could be of a file the user saved in between, which the index would then trust.
-    ours = stat_key(os.lstat(tmp))
-    try:
-        swap_in(tmp, target, expected, path, ours, lambda f: move_aside(root, f, path, client))
-    except RenameUnsupported:
-        os.rename(tmp, target)  # the check above is all this filesystem allows
-    if sync:
-        fsync_dir(folder)
+    with anchored(root, path, create=True) as target:  # never through a swapped-in symlink
+        check_unchanged(target, expected, path)
+        # Taken from the temp file: a rename keeps inode, size and mtime, and a stat of the
+        # target after it could be of a file the user saved in between, which the index would
+        # then trust.
+        ours = stat_key(os.lstat(tmp))
+        try:
+            swap_in(tmp, target, expected, path, ours, partial(_keep, target, path, client))
+        except RenameUnsupported:
+            os.rename(tmp, target)  # the check above is all this filesystem allows
+        if sync:
+            fsync_dir(target.parent)
     return ours
+
+
+def _keep(target: Path, path: str, client: str, found: Path) -> str:
+    """Keep *found*, a user's file, as a conflict copy next to *target*."""
+    return move_aside(found, path, client, folder=target.parent)
 
 
 def swap_in(

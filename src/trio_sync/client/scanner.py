@@ -5,12 +5,14 @@ Also the one place that maps a wire path to a local path without following symli
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import stat
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +100,58 @@ def local_path(root: Path, path: str) -> Path:
         if not stat.S_ISDIR(st.st_mode):
             raise Unsyncable(f"{path}: {part!r} is a file, not a folder")
     return root / path
+
+
+#: Where this process's open descriptors have names (Linux): a path through one of them starts
+#: at the folder the descriptor holds, however the path it was opened by has changed since.
+_FD_DIR = "/proc/self/fd"
+_HAVE_FD_DIR = os.path.isdir(_FD_DIR)
+
+
+@contextmanager
+def anchored(root: Path, path: str, *, create: bool = False) -> Iterator[Path]:
+    """A name for *path* below *root* that cannot lead out of it: its folder is opened one
+    component at a time, never through a symlink, and the name yielded goes through that open
+    folder (`/proc/self/fd/N/name`). A folder swapped for a symlink after the walk changes
+    nothing for operations on it. With *create*, missing folders are made on the way.
+
+    Unsyncable if a parent is a symlink or a file; FileNotFoundError if one is missing (without
+    *create*). Where /proc is missing, falls back to `local_path`'s check. Blocking."""
+    if not _HAVE_FD_DIR:
+        yield local_path(root, path)
+        return
+    *folders, name = path.split("/")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in folders:
+            child = _open_folder(fd, part, path, create=create)
+            os.close(fd)
+            fd = child
+        yield Path(f"{_FD_DIR}/{fd}/{name}")
+    finally:
+        os.close(fd)
+
+
+def _open_folder(parent: int, part: str, path: str, *, create: bool) -> int:
+    """Open folder *part* of the open folder *parent*, not following a symlink."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        try:
+            return os.open(part, flags, dir_fd=parent)
+        except FileNotFoundError:
+            if not create:
+                raise
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, dir_fd=parent)
+            return os.open(part, flags, dir_fd=parent)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise Unsyncable(
+                f"{path}: parent folder {part!r} is a symlink; not following it"
+            ) from None
+        if e.errno == errno.ENOTDIR:
+            raise Unsyncable(f"{path}: {part!r} is a file, not a folder") from None
+        raise
 
 
 class Scanner:

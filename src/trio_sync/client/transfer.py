@@ -54,7 +54,7 @@ from .early import EarlySend
 from .index import BaseEntry, Index, StatKey
 from .landing import Landing, check_unchanged, place
 from .remote import Remote
-from .scanner import LocalFile, dir_key, local_path, stat_key
+from .scanner import LocalFile, anchored, dir_key, local_path, stat_key
 
 log = logging.getLogger("trio_sync.client")
 T = TypeVar("T")
@@ -712,11 +712,12 @@ class Transfer:
             os.fsync(fd)
 
     def _make_dir(self, path: str, expected: LocalFile | None) -> StatKey:
-        target = local_path(self.root, path)
-        if expected is None or not expected.is_dir:
-            check_unchanged(target, expected, path)
-            target.mkdir(parents=True, exist_ok=True)
-        st = os.lstat(target)
+        with anchored(self.root, path, create=True) as target:
+            if expected is None or not expected.is_dir:
+                check_unchanged(target, expected, path)
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(target)
+            st = os.lstat(target)
         if not stat.S_ISDIR(st.st_mode):
             raise LocalChanged(f"{path}: changed locally meanwhile")
         return dir_key(st)
@@ -747,36 +748,40 @@ class Transfer:
         await self.index.remove(path)
 
     def _delete_dir(self, path: str, expected: LocalFile) -> None:
-        target = local_path(self.root, path)
-        check_unchanged(target, expected, path)
-        try:
-            target.rmdir()
-        except OSError as e:
-            if e.errno != errno.ENOTEMPTY:
-                raise
-            raise FolderNotEmpty(path, [c.name for c in target.iterdir()]) from None
+        with anchored(self.root, path) as target:
+            check_unchanged(target, expected, path)
+            try:
+                target.rmdir()
+            except OSError as e:
+                if e.errno != errno.ENOTEMPTY:
+                    raise
+                raise FolderNotEmpty(path, [c.name for c in target.iterdir()]) from None
 
     def _park(self, path: str, expected: LocalFile, spot: Path) -> bool:
         """Give the file a second name at *spot*; True if the old name still has to go (a
         file system without hard links gets a rename instead)."""
-        target = local_path(self.root, path)
-        check_unchanged(target, expected, path)
-        try:
-            os.link(target, spot, follow_symlinks=False)
-        except OSError as e:
-            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
-                raise
-            os.rename(target, spot)
-            return False
+        with anchored(self.root, path) as target:
+            check_unchanged(target, expected, path)
+            try:
+                os.link(target, spot, follow_symlinks=False)
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+                    raise
+                os.rename(target, spot)
+                return False
         return True
 
     def _unpark_name(self, path: str, expected: LocalFile, spot: Path) -> None:
-        remove_parked_name(
-            local_path(self.root, path),
-            expected.stat,
-            spot,
-            keep_as=lambda: self.root / free_conflict_name(self.root, path, self._name),
-        )
+        with anchored(self.root, path) as target:
+            folder = target.parent
+            remove_parked_name(
+                target,
+                expected.stat,
+                spot,
+                keep_as=lambda: (
+                    folder / free_conflict_name(folder, path, self._name).split("/")[-1]
+                ),
+            )
 
     async def set_aside(self, local: LocalFile) -> str:
         """Rename the local file to a conflict copy next to it; returns the copy's wire path."""
@@ -784,9 +789,9 @@ class Transfer:
         return result
 
     def _set_aside(self, local: LocalFile) -> str:
-        target = local_path(self.root, local.path)
-        check_unchanged(target, local, local.path)
-        return move_aside(self.root, target, local.path, self._name)
+        with anchored(self.root, local.path) as target:
+            check_unchanged(target, local, local.path)
+            return move_aside(target, local.path, self._name)
 
 
 def remove_parked_name(
