@@ -245,6 +245,7 @@ async def run_history(seed: int, forks: ForkServer, home: Path) -> Counter[str]:
             await client.start(wait=True)
         for _ in range(OPS):
             await step(world)
+            _check_only_whole_versions_visible(world)
         world.note("every client runs until all folders agree")
         for client in clients.values():
             if not client.running:
@@ -273,6 +274,15 @@ async def run_history(seed: int, forks: ForkServer, home: Path) -> Counter[str]:
     shutil.rmtree(home)
     world.kinds[f"histories of {len(names)} clients"] += 1
     return world.kinds
+
+
+def _check_only_whole_versions_visible(world: World) -> None:
+    """Whatever crashed or was stopped in the middle of a download, every file in every folder
+    holds a version some user wrote, whole: nothing half written is ever visible."""
+    for who in world.clients:
+        for path, content in tree(world.root(who)).items():
+            if content not in world.written and not path.rpartition("/")[2].startswith(".~"):
+                raise AssertionError(f"{who}: {path} holds {content!r}, which no user wrote")
 
 
 def _check_nothing_lost(world: World, final: dict[str, bytes]) -> None:
