@@ -145,13 +145,14 @@ def _open_folder(parent: int, part: str, path: str, *, create: bool) -> int:
                 os.mkdir(part, dir_fd=parent)
             return os.open(part, flags, dir_fd=parent)
     except OSError as e:
-        if e.errno == errno.ELOOP:
+        if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        # With O_NOFOLLOW | O_DIRECTORY, Linux answers ENOTDIR for a symlink too.
+        if e.errno == errno.ELOOP or stat.S_ISLNK(os.lstat(part, dir_fd=parent).st_mode):
             raise Unsyncable(
                 f"{path}: parent folder {part!r} is a symlink; not following it"
             ) from None
-        if e.errno == errno.ENOTDIR:
-            raise Unsyncable(f"{path}: {part!r} is a file, not a folder") from None
-        raise
+        raise Unsyncable(f"{path}: {part!r} is a file, not a folder") from None
 
 
 class Scanner:
@@ -224,8 +225,9 @@ class Scanner:
     def _open_unchanged(self, path: str, key: StatKey) -> int | None:
         """*path* open for reading, if it is still the file seen as *key*; else None."""
         try:
-            fd = os.open(local_path(self.root, path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except (FileNotFoundError, NotADirectoryError):
+            with anchored(self.root, path) as full:
+                fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError, Unsyncable):
             return None
         except OSError as e:
             if e.errno == errno.ELOOP:
@@ -246,7 +248,15 @@ class Scanner:
     ) -> LocalFile | _ToHash | None:
         """With *hash_from*, a file of that size or more that needs hashing is left for the
         caller to hash (`_ToHash`)."""
-        full = local_path(self.root, path)
+        try:
+            with anchored(self.root, path) as full:
+                return self._scan_at(full, path, base, hash_from)
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # a folder on the way is gone
+
+    def _scan_at(
+        self, full: Path, path: str, base: BaseEntry | None, hash_from: int | None
+    ) -> LocalFile | _ToHash | None:
         for _ in range(HASH_ATTEMPTS):
             try:
                 st = os.lstat(full)

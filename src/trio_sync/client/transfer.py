@@ -54,7 +54,7 @@ from .early import EarlySend
 from .index import BaseEntry, Index, StatKey
 from .landing import Landing, check_unchanged, place
 from .remote import Remote
-from .scanner import LocalFile, anchored, dir_key, local_path, stat_key
+from .scanner import LocalFile, anchored, dir_key, stat_key
 
 log = logging.getLogger("trio_sync.client")
 T = TypeVar("T")
@@ -346,12 +346,17 @@ class Transfer:
             self._budget.release(chunk.size)
             in_flight.release()
 
-    # local_path lstats each parent folder: it runs in a thread, like any other disk access.
+    # anchored opens each parent folder: it runs in a thread, like any other disk access.
     def _open_to_read(self, path: str) -> int:
-        return os.open(local_path(self.root, path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with anchored(self.root, path) as target:
+            return os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
     def _stat_now(self, path: str) -> StatKey | None:
-        return _stat_or_none(local_path(self.root, path))
+        try:
+            with anchored(self.root, path) as target:
+                return _stat_or_none(target)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
 
     def _read_frame(self, fd: int, chunk: Chunk, offset: int) -> Frame:
         data = os.pread(fd, chunk.size, offset)
@@ -666,9 +671,7 @@ class Transfer:
         for path, offset in places:
             if path not in opened:
                 try:
-                    opened[path] = os.open(
-                        local_path(self.root, path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-                    )
+                    opened[path] = self._open_to_read(path)
                 except (OSError, TrioSyncError):
                     opened[path] = None
             source_fd = opened[path]
