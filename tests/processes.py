@@ -176,29 +176,22 @@ async def fork_server() -> AsyncIterator[ForkServer]:
 
 
 @dataclass
-class ServerProcess:
-    """A trio-sync server as a process; a restart keeps its port and data."""
+class _Process:
+    """A server or client process, which may be stopped, crashed and started again."""
 
     forks: ForkServer
-    data_dir: Path
     log: Path
-    token: str
-    port: int = 0
-    child: Child | None = None
-    url: str = ""
+    child: Child | None = field(default=None, init=False)
 
-    async def start(self) -> None:
+    @property
+    def running(self) -> bool:
+        return self.child is not None
+
+    async def _start(self, kind: str, who: str, config: dict[str, Any], marker: str) -> str:
+        """Start it; the first line of this start's log that holds *marker* ("" for none)."""
         offset = self.log.stat().st_size if self.log.exists() else 0
-        config = {
-            "data_dir": str(self.data_dir),
-            "port": self.port,
-            "token": self.token,
-            "graceful_timeout": 1.0,
-        }
-        self.child = await self.forks.spawn("server", "server", config, self.log)
-        line = await wait_for_log(self.child, offset, "listening on ")
-        self.url = line.split("listening on ", 1)[1].split()[0]
-        self.port = int(self.url.rsplit(":", 1)[1])
+        self.child = await self.forks.spawn(kind, who, config, self.log)
+        return await wait_for_log(self.child, offset, marker) if marker else ""
 
     async def stop(self) -> None:
         if self.child is not None:
@@ -212,35 +205,36 @@ class ServerProcess:
 
 
 @dataclass
-class ClientProcess:
-    forks: ForkServer
+class ServerProcess(_Process):
+    """A trio-sync server; a restart keeps its port and data."""
+
+    data_dir: Path
+    token: str
+    port: int = 0
+    url: str = ""
+
+    async def start(self) -> None:
+        config = {
+            "data_dir": str(self.data_dir),
+            "port": self.port,
+            "token": self.token,
+            "graceful_timeout": 1.0,
+        }
+        line = await self._start("server", "server", config, "listening on ")
+        self.url = line.split("listening on ", 1)[1].split()[0]
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+
+@dataclass
+class ClientProcess(_Process):
     name: str
     root: Path
-    log: Path
     settings: dict[str, Any] = field(default_factory=dict)
-    child: Child | None = None
 
     async def start(self, *, wait: bool = False) -> None:
         """With *wait*, return once its first reconcile is done."""
-        offset = self.log.stat().st_size if self.log.exists() else 0
         config = {"root": str(self.root), "name": self.name, **self.settings}
-        self.child = await self.forks.spawn("client", self.name, config, self.log)
-        if wait:
-            await wait_for_log(self.child, offset, "in sync with ")
-
-    @property
-    def running(self) -> bool:
-        return self.child is not None
-
-    async def stop(self) -> None:
-        if self.child is not None:
-            await self.child.stop()
-            self.child = None
-
-    async def crash(self) -> None:
-        if self.child is not None:
-            await self.child.crash()
-            self.child = None
+        await self._start("client", self.name, config, "in sync with " if wait else "")
 
 
 async def wait_for_log(child: Child, offset: int, marker: str, timeout: float = 30.0) -> str:

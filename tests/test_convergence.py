@@ -232,12 +232,17 @@ async def run_history(seed: int, forks: ForkServer, home: Path) -> Counter[str]:
     rng = random.Random(seed)
     (home / "logs").mkdir(parents=True)
     (home / "trash").mkdir()
-    server = ServerProcess(forks, home / "server", home / "logs" / "server.log", TOKEN)
+    server = ServerProcess(
+        forks, home / "logs" / "server.log", data_dir=home / "server", token=TOKEN
+    )
     await server.start()
     settings = {**CLIENT_SETTINGS, "server_url": server.url}
     names = [f"c{i}" for i in range(rng.randint(2, 4))]
     clients = {
-        n: ClientProcess(forks, n, home / n, home / "logs" / f"{n}.log", settings) for n in names
+        n: ClientProcess(
+            forks, home / "logs" / f"{n}.log", name=n, root=home / n, settings=settings
+        )
+        for n in names
     }
     world = World(rng, home, server, clients)
     try:
