@@ -16,12 +16,15 @@ from trio_sync.core.hashing import hash_bytes
 from trio_sync.errors import ProtocolError
 from trio_sync.protocol.frames import RAW, ZSTD, FrameParser, frame_header
 from trio_sync.protocol.models import (
+    CDC_MIN,
     MAX_CHUNK_SIZE,
     MAX_DECODED_PER_REQUEST,
     Chunk,
+    CommitRequest,
     FileEntry,
     content_hash,
 )
+from trio_sync.server.store import SQLiteMetaStore
 
 from .conftest import TOKEN, ServerHandle
 
@@ -195,3 +198,23 @@ async def test_a_damaged_chunk_is_never_served_and_the_next_upload_repairs_it(
         stored.write_bytes(b"jello")  # damaged again; an upload alone repairs it
         assert (await client.put(f"/chunks/{name}", content=data)).status_code == 201
         assert stored.read_bytes() == data
+
+
+async def test_pages_of_events_and_listings_are_bounded_in_bytes(tmp_path: Path) -> None:
+    """Review M6: pages were 500 events or 1,000 entries whatever their size; entries with long
+    chunk lists made one page need hundreds of MiB."""
+    meta = await SQLiteMetaStore.open(tmp_path / "index.db")
+    chunk = Chunk(hash_bytes(b"c"), CDC_MIN)
+    chunks = (chunk,) * 60_000  # about 4.5 MB of chunk list a version
+    for name in ("a", "b", "c"):
+        request = CommitRequest(
+            path=name, base_rev=0, hash=content_hash(chunks), size=CDC_MIN * len(chunks),
+            chunks=chunks,
+        )  # fmt: skip
+        await meta.commit(request, "test")
+    events = await meta.changes_since(0, 500, max_bytes=8 * 1024 * 1024)
+    assert [e.path for e in events] == ["a", "b"]  # the third waits for the next page
+    listing = await meta.list_current("", 1000, max_bytes=8 * 1024 * 1024)
+    assert [e.path for e in listing] == ["a", "b"]
+    assert [e.path for e in await meta.list_current("b", 1000)] == ["c"]
+    await meta.aclose()

@@ -4,7 +4,9 @@ tokens are limited per address."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
@@ -110,3 +112,16 @@ async def test_a_token_holds_a_bounded_number_of_streams(server: ServerHandle) -
         extra = await client.get("/sync")
         assert extra.status_code == 429
         nursery.cancel_scope.cancel()
+
+
+async def test_a_client_takes_its_name_from_its_token(
+    server: ServerHandle, start_client: Callable[..., Any]
+) -> None:
+    """Conflict copies and logs carry the name the server knows the client by."""
+    store = TokenStore.open(server.data_dir)
+    token = store.add("laptop")
+    store.close()
+    client = await start_client("desktop", token=token)
+    assert client.engine.name == "laptop"
+    shared = await start_client("other")  # the shared token: the client's own name stays
+    assert shared.engine.name == "other"

@@ -46,7 +46,7 @@ from ..errors import (
     TrioSyncError,
     single_error,
 )
-from ..protocol.models import CHUNKER, DIR, FileEntry, Incoming
+from ..protocol.models import CHUNKER, DIR, FileEntry, Incoming, is_valid_name
 from ..protocol.paths import STATE_DIR_NAME, is_valid_path
 from ..protocol.sse import ServerSentEvent
 from .batching import Batches, ByteBudget
@@ -89,6 +89,8 @@ class Engine:
         self.config = config
         self.root = config.root
         self.state_dir = config.root / STATE_DIR_NAME
+        #: This client's name in conflict copies: its token's, once the server has said it.
+        self.name = config.name
         self.queue = PathQueue()
         #: The server's current version of every path we know of (tombstones included).
         self.remote_state: dict[str, FileEntry] | None = None
@@ -182,7 +184,7 @@ class Engine:
             batches,
             remote,
             self._io,
-            self.config.name,
+            self.name,
             self._parking,
             self._budget,
             landing,
@@ -253,6 +255,11 @@ class Engine:
                 f"the server chunks files as {info.get('chunker')!r}, this client as {CHUNKER!r};"
                 " install the same trio-sync version on both"
             )
+        you = info.get("you")
+        if isinstance(you, str) and you != self.name and is_valid_name(you):
+            # The server names clients by their tokens: conflict copies say the same.
+            log.info("the server knows this client as %s", you)
+            self.name = you
         server_id = info["server_id"]
         known = self.index.meta("server_id")
         if known != server_id:
@@ -373,7 +380,7 @@ class Engine:
         while self._scanner.denormalized:
             rel = self._scanner.denormalized.pop()
             try:
-                new = await self._io.run_sync(normalize_name, self.root, rel, self.config.name)
+                new = await self._io.run_sync(normalize_name, self.root, rel, self.name)
             except FileNotFoundError:
                 continue
             except OSError as e:
@@ -447,7 +454,7 @@ class Engine:
             tmp,
             self._io,
             syncfs=await self._io.run_sync(group_syncer, tmp),
-            client=self.config.name,
+            client=self.name,
         )
         await nursery.start(landing.run)
         transfer = self._transfer(batches, remote, landing)

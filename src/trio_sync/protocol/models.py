@@ -74,6 +74,10 @@ def check_name(value: object) -> str:
     return value
 
 
+def is_valid_name(value: object) -> bool:
+    return isinstance(value, str) and _NAME.fullmatch(value) is not None
+
+
 def _int(data: dict[str, Any], key: str, *, minimum: int = 0) -> int:
     value = data.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= MAX_INT:

@@ -206,6 +206,7 @@ def create_app(
                 "clients": sorted(hub.subscribers.values()),
                 "chunker": CHUNKER,
                 "traffic": traffic.to_json() if traffic else None,
+                "you": _client_name(),
             }
         )
 
@@ -217,11 +218,11 @@ def create_app(
             yield (json.dumps({"server_id": server_id, "rev": latest}) + "\n").encode()
             after = ""
             while True:
-                page = await meta.list_current(after, LIST_PAGE)
+                page = await meta.list_current(after, LIST_PAGE)  # bounded in bytes too
+                if not page:
+                    return
                 for entry in page:
                     yield (json.dumps(entry.to_json()) + "\n").encode()
-                if len(page) < LIST_PAGE:
-                    return
                 after = page[-1].path
 
         response = Response(lines(), mimetype="application/x-ndjson")

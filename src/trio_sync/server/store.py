@@ -67,8 +67,12 @@ class MetaStore(Protocol):
         not raised), in one durable write."""
         ...
 
-    async def changes_since(self, rev: int, limit: int) -> list[FileEntry]: ...
-    async def list_current(self, after_path: str, limit: int) -> list[FileEntry]: ...
+    async def changes_since(
+        self, rev: int, limit: int, max_bytes: int = ...
+    ) -> list[FileEntry]: ...
+    async def list_current(
+        self, after_path: str, limit: int, max_bytes: int = ...
+    ) -> list[FileEntry]: ...
     async def prune_history(self, superseded_before: float) -> int:
         """Forget versions replaced before this time (never a path's current version)."""
         ...
@@ -150,6 +154,9 @@ CREATE INDEX IF NOT EXISTS version_chunks_by_rev ON version_chunks (rev);
 _COLUMNS = (
     "v.rev, v.path, v.deleted, v.kind, v.hash, v.size, v.chunks, v.executable, v.mtime_ns, v.origin"
 )
+_CHUNKS_COLUMN = 6
+#: A page of listings or events stops after about this many bytes of chunk lists.
+PAGE_BYTES = 8 * 1024 * 1024
 
 
 def _entry(row: tuple[Any, ...]) -> FileEntry:
@@ -356,24 +363,34 @@ class SQLiteMetaStore:
             raise result
         return result
 
-    async def changes_since(self, rev: int, limit: int) -> list[FileEntry]:
-        rows = await self._run(
-            lambda: self._conn.execute(
-                f"SELECT {_COLUMNS} FROM versions v WHERE v.rev > ? ORDER BY v.rev LIMIT ?",
-                (rev, limit),
-            ).fetchall()
-        )
-        return [_entry(r) for r in rows]
+    def _page(self, sql: str, params: tuple[Any, ...], max_bytes: int) -> list[FileEntry]:
+        """The rows of *sql* as entries, stopping once their chunk lists pass *max_bytes* (at
+        least one row): a page of versions of huge files must not need gigabytes."""
+        out: list[FileEntry] = []
+        total = 0
+        for row in self._conn.execute(sql, params):
+            out.append(_entry(row))
+            total += len(row[_CHUNKS_COLUMN])
+            if total >= max_bytes:
+                break
+        return out
 
-    async def list_current(self, after_path: str, limit: int) -> list[FileEntry]:
-        rows = await self._run(
-            lambda: self._conn.execute(
-                f"SELECT {_COLUMNS} FROM current c JOIN versions v ON v.rev = c.rev"
-                " WHERE c.path > ? AND v.deleted = 0 ORDER BY c.path LIMIT ?",
-                (after_path, limit),
-            ).fetchall()
+    async def changes_since(
+        self, rev: int, limit: int, max_bytes: int = PAGE_BYTES
+    ) -> list[FileEntry]:
+        sql = f"SELECT {_COLUMNS} FROM versions v WHERE v.rev > ? ORDER BY v.rev LIMIT ?"
+        result: list[FileEntry] = await self._run(self._page, sql, (rev, limit), max_bytes)
+        return result
+
+    async def list_current(
+        self, after_path: str, limit: int, max_bytes: int = PAGE_BYTES
+    ) -> list[FileEntry]:
+        sql = (
+            f"SELECT {_COLUMNS} FROM current c JOIN versions v ON v.rev = c.rev"
+            " WHERE c.path > ? AND v.deleted = 0 ORDER BY c.path LIMIT ?"
         )
-        return [_entry(r) for r in rows]
+        result: list[FileEntry] = await self._run(self._page, sql, (after_path, limit), max_bytes)
+        return result
 
     def _prune(self, before: float) -> int:
         conn = self._conn
