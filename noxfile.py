@@ -40,6 +40,18 @@ def soak(session: nox.Session) -> None:
 
 
 @nox.session
+def crash(session: nox.Session) -> None:
+    """Crash trials: TRIO_SYNC_CRASH_TRIALS (default 100) histories in which clients and the
+    server are killed with SIGKILL ten times as often as in the soak."""
+    session.install("-e", ".[test]")
+    trials = session.env.get("TRIO_SYNC_CRASH_TRIALS", "100")
+    session.run(
+        "pytest", "tests/test_convergence.py::test_soak", "-x", "-s", *session.posargs,
+        env={"TRIO_SYNC_CRASH_TRIALS": trials, "TRIO_SYNC_CRASH_WEIGHT": "10"},
+    )  # fmt: skip
+
+
+@nox.session
 def fuzz(session: nox.Session) -> None:
     """Random input against a live server, TRIO_SYNC_FUZZ_EXAMPLES (default 5000) per test."""
     session.install("-e", ".[test]")

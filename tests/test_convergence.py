@@ -47,6 +47,9 @@ OPS = int(os.environ.get("TRIO_SYNC_CONVERGENCE_OPS", "40"))
 
 NAMES = ["f0", "f1", "f2.txt", "f3.txt"]
 DIRS = ["d0", "d1", "d0/e0"]
+#: Crash trials (`nox -s crash`) weigh kill -9 of clients and the server this many times more.
+CRASH_WEIGHT = int(os.environ.get("TRIO_SYNC_CRASH_WEIGHT", "1"))
+CRASH_TRIALS = int(os.environ.get("TRIO_SYNC_CRASH_TRIALS", "0"))
 OPERATIONS = {  # name: weight
     "create": 6, "edit": 5, "append": 3, "delete": 3, "rename": 3, "move_dir": 1, "mkdir": 2,
     "rmdir": 1, "toggle": 3, "restart_client": 1, "crash_client": 1, "restart_server": 1,
@@ -149,7 +152,10 @@ def _delete(target: Path, trash: Path) -> bytes | None:
 async def step(world: World) -> None:
     rng = world.rng
     who = rng.choice(sorted(world.clients))
-    op = rng.choices(list(OPERATIONS), weights=list(OPERATIONS.values()))[0]
+    weights = [
+        w * (CRASH_WEIGHT if name.startswith("crash") else 1) for name, w in OPERATIONS.items()
+    ]
+    op = rng.choices(list(OPERATIONS), weights=weights)[0]
     root = world.root(who)
     files = world.files(who)
     client = world.clients[who]
@@ -388,13 +394,17 @@ async def test_random_histories_converge_without_loss(
     await run_history(seed, forks, tmp_path / f"seed{seed}")
 
 
-@pytest.mark.skipif(SOAK_SECONDS <= 0, reason="soak runs only with TRIO_SYNC_SOAK_SECONDS")
+@pytest.mark.skipif(
+    SOAK_SECONDS <= 0 and CRASH_TRIALS <= 0,
+    reason="soak runs only with TRIO_SYNC_SOAK_SECONDS or TRIO_SYNC_CRASH_TRIALS",
+)
 async def test_soak(forks: ForkServer, tmp_path: Path) -> None:
+    """New histories until TRIO_SYNC_SOAK_SECONDS are up, or TRIO_SYNC_CRASH_TRIALS of them."""
     deadline = time.monotonic() + SOAK_SECONDS
     rng = random.SystemRandom()
     totals: Counter[str] = Counter()
     histories = 0
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline if CRASH_TRIALS <= 0 else histories < CRASH_TRIALS:
         seed = rng.randrange(1 << 30)
         print(f"soak: seed {seed}", flush=True)
         totals += await run_history(seed, forks, tmp_path / f"seed{seed}")
