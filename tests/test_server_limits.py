@@ -218,3 +218,23 @@ async def test_pages_of_events_and_listings_are_bounded_in_bytes(tmp_path: Path)
     assert [e.path for e in listing] == ["a", "b"]
     assert [e.path for e in await meta.list_current("b", 1000)] == ["c"]
     await meta.aclose()
+
+
+async def test_the_data_dir_is_private_whatever_the_umask(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review L9: the store's files and folders were 0644/0755, fine only inside a data dir the
+    server made itself."""
+    data = tmp_path / "shared-data"
+    data.mkdir(mode=0o755)
+    data.chmod(0o755)
+    server = ServerHandle(data, nursery)
+    await server.start()
+    async with httpx.AsyncClient(base_url=server.url, headers=HEADERS) as client:
+        assert (await client.put(f"/chunks/{hash_bytes(b'x')}", content=b"x")).status_code == 201
+    await server.stop()
+    assert "can be read by other users" in caplog.text
+    for path in [data / "index.db", data / "tokens.db", data / "lock"]:
+        assert path.stat().st_mode & 0o077 == 0, path
+    for folder in [data / "chunks", data / "tmp", *(data / "chunks").iterdir()]:
+        assert folder.stat().st_mode & 0o077 == 0, folder

@@ -130,6 +130,11 @@ def _lock_data_dir(data_dir: Path) -> int:
     """Hold the data folder for this process: a second server would empty its temp folder under
     the first one's writes and keep its own view of the database."""
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if data_dir.stat().st_mode & 0o077:
+        log.warning(
+            "%s can be read by other users of this machine; `chmod 700 %s` keeps your files"
+            " and their history to you", data_dir, data_dir,
+        )  # fmt: skip
     lock = os.open(data_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

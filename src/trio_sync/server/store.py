@@ -189,6 +189,8 @@ class SQLiteMetaStore:
     @classmethod
     async def open(cls, path: Path) -> SQLiteMetaStore:
         def _open() -> sqlite3.Connection:
+            # Created private before SQLite opens it; its -wal and -shm files take its mode.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
             conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
@@ -503,8 +505,8 @@ class DiskBlobStore:
     @classmethod
     def open(cls, data_dir: Path, *, offload: Offload, group_sync: bool = True) -> DiskBlobStore:
         root, tmp = data_dir / "chunks", data_dir / "tmp"
-        root.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)  # private whatever the umask
+        tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
         for leftover in tmp.iterdir():  # from a crash or a kill -9: never complete chunks
             leftover.unlink(missing_ok=True)
         layout = data_dir / "chunk-layout"
@@ -604,7 +606,7 @@ class DiskBlobStore:
             os.replace(tmp, final)
         except FileNotFoundError:  # the chunk's folder does not exist yet
             with contextlib.suppress(FileExistsError):
-                os.mkdir(folder)
+                os.mkdir(folder, 0o700)
             if self._syncfs is None:
                 fsync_dir(self._root)  # the new folder must survive a crash with its chunk
             os.replace(tmp, final)
