@@ -3,7 +3,11 @@ the security review's probe did (shared/reviews/security-review.md), against a r
 
 from __future__ import annotations
 
+import os
+import random
+import subprocess
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -238,3 +242,40 @@ async def test_the_data_dir_is_private_whatever_the_umask(
         assert path.stat().st_mode & 0o077 == 0, path
     for folder in [data / "chunks", data / "tmp", *(data / "chunks").iterdir()]:
         assert folder.stat().st_mode & 0o077 == 0, folder
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB filesystem of its own (tmpfs; needs the right to mount, as root has here)."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+async def test_a_full_disk_answers_507_and_loses_nothing(
+    nursery: trio.Nursery, small_disk: Path
+) -> None:
+    server = ServerHandle(small_disk / "data", nursery)
+    await server.start()
+    kept = random.Random(1).randbytes(CDC_MIN)
+    async with httpx.AsyncClient(base_url=server.url, headers=HEADERS, timeout=30) as client:
+        assert (await client.put(f"/chunks/{hash_bytes(kept)}", content=kept)).status_code == 201
+        statuses = []
+        for i in range(4):  # 8 MiB of new chunks into what is left of 4 MiB
+            data = random.Random(i + 2).randbytes(MAX_CHUNK_SIZE)
+            body = frame_header(hash_bytes(data), RAW, len(data)) + data
+            statuses.append((await client.post("/chunks", content=body)).status_code)
+        assert 507 in statuses, statuses
+        assert set(statuses) <= {200, 507}
+        assert (await client.get(f"/chunks/{hash_bytes(kept)}")).content == kept
+        assert (await client.get("/info")).status_code == 200
+    assert os.listdir(small_disk / "data" / "tmp") == []  # nothing half stored left behind
+    await server.stop()

@@ -5,9 +5,11 @@ The contract is docs/protocol.md.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
+import sqlite3
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any
@@ -20,7 +22,7 @@ from werkzeug.exceptions import HTTPException
 from ..core.compression import decoded_size, pack, unpack
 from ..core.hashing import content_hash
 from ..core.offload import Offload
-from ..errors import Conflict, InvalidPath, ProtocolError, StoreError
+from ..errors import Conflict, InvalidPath, ProtocolError, StoreError, single_error
 from ..protocol.frames import MEDIA_TYPE, MISSING, RAW, Frame, FrameParser, frame_header
 from ..protocol.models import (
     CHUNKER,
@@ -193,6 +195,21 @@ def create_app(
     async def rejected(error: Exception) -> Response:
         return _error(422, "rejected", str(error))
 
+    @app.errorhandler(OSError)
+    @app.errorhandler(sqlite3.OperationalError)
+    async def out_of_space(error: Exception) -> Response:
+        """A full disk: nothing of the request was kept (chunks are renamed into place only
+        together, commits are one transaction), and the client tries again later."""
+        full = (
+            error.errno in (errno.ENOSPC, errno.EDQUOT)
+            if isinstance(error, OSError)
+            else "full" in str(error)
+        )
+        if not full:
+            raise error
+        log.error("the data dir is full: %s", error)
+        return _error(507, "insufficient_storage", "the server's disk is full; try again later")
+
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
         return _error(error.code or 500, "http_error", error.description or str(error))
@@ -306,7 +323,8 @@ def create_app(
         # The whole request is made durable at once, when the batch ends: a request cut off
         # stores none of its chunks, and the client sends them again.
         async with blobs.batch() as batch, aclosing(_body()) as body:
-            async with trio.open_nursery() as nursery:  # threads: bounded by the store's Offload
+            # single_error: a full disk in any task is the answer, not a group of them.
+            async with single_error(), trio.open_nursery() as nursery:  # threads: the Offload's
                 try:
                     async for piece in body:
                         small: list[Frame] = []
