@@ -22,6 +22,7 @@ def test_tokens_are_stored_hashed_in_a_private_file(tmp_path: Path) -> None:
     token = store.add("laptop")
     store.close()
     assert len(token) >= 40
+    assert token.startswith("tsync_")  # never read as an option on a command line
     assert (tmp_path / TOKENS_DB).stat().st_mode & 0o777 == 0o600
     stored = b"".join(p.read_bytes() for p in tmp_path.iterdir())
     assert token.encode() not in stored
