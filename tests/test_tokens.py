@@ -11,7 +11,12 @@ from typing import Any
 import httpx
 import trio
 
-from trio_sync.server.auth import FAILURES_ALLOWED, STREAMS_PER_TOKEN
+from trio_sync.server.auth import (
+    FAILURE_WINDOW,
+    FAILURES_ALLOWED,
+    STREAMS_PER_TOKEN,
+    Authenticator,
+)
 from trio_sync.server.tokens import SHARED, TOKENS_DB, TokenStore, digest
 
 from .conftest import TOKEN, ServerHandle
@@ -126,3 +131,16 @@ async def test_a_client_takes_its_name_from_its_token(
     assert client.engine.name == "laptop"
     shared = await start_client("other")  # the shared token: the client's own name stays
     assert shared.engine.name == "other"
+
+
+async def test_failures_of_addresses_that_went_away_are_forgotten(autojump_clock: Any) -> None:
+    """A peer with many addresses must not grow the failure table for ever."""
+    auth = Authenticator(None)
+    for i in range(100):
+        auth.failed(f"2001:db8::{i}")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(auth.watch)
+        await trio.sleep(FAILURE_WINDOW + 1)
+        nursery.cancel_scope.cancel()
+    assert auth.retry_after("2001:db8::1") is None
+    assert not auth._failures

@@ -83,6 +83,7 @@ class Authenticator:
         while True:
             await trio.sleep(POLL_SECONDS)
             await self.reload()
+            self._forget_old_failures()
             if self._seen and trio.current_time() - saved >= SAVE_SEEN_SECONDS:
                 await self.save_seen()
                 saved = trio.current_time()
@@ -121,6 +122,13 @@ class Authenticator:
                 del self._failures[address]
             return None
         return failures[0] + FAILURE_WINDOW - now
+
+    def _forget_old_failures(self) -> None:
+        """Drop addresses whose last failure is out of the window: many addresses (IPv6 gives a
+        peer plenty) must not grow this for ever."""
+        cutoff = trio.current_time() - FAILURE_WINDOW
+        for address in [a for a, times in self._failures.items() if times[-1] <= cutoff]:
+            del self._failures[address]
 
     def failed(self, address: str) -> None:
         self._failures[address].append(trio.current_time())
