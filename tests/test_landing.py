@@ -4,6 +4,7 @@ are named from the original file's name."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -50,55 +51,41 @@ def test_renames_refuse_to_replace_and_exchange_swaps(tmp_path: Path) -> None:
         exchange(a, tmp_path / "absent")
 
 
-def test_a_save_between_the_check_and_the_swap_keeps_its_name(tmp_path: Path) -> None:
+def _append(target: Path, content: bytes) -> None:
+    with open(target, "ab") as f:
+        f.write(content)
+
+
+@pytest.mark.parametrize(
+    ("before", "meanwhile", "after"),
+    [
+        (b"synced", lambda t: _save(t, b"the user's save"), b"the user's save"),
+        (b"synced", lambda t: _append(t, b" and appended"), b"synced and appended"),
+        (None, lambda t: t.write_bytes(b"created by the user"), b"created by the user"),
+        (b"synced", Path.unlink, None),  # deleted: not brought back
+    ],
+    ids=["saved-by-rename", "written-in-place", "created", "deleted"],
+)
+def test_what_the_user_does_between_the_check_and_the_swap_stays(
+    tmp_path: Path,
+    before: bytes | None,
+    meanwhile: Callable[[Path], object],
+    after: bytes | None,
+) -> None:
     root = tmp_path / "folder"
     root.mkdir()
-    (root / "doc.txt").write_bytes(b"synced")
-    expected = _seen(root, "doc.txt")
+    target = root / "doc.txt"
+    if before is not None:
+        target.write_bytes(before)
+    expected = _seen(root, "doc.txt") if before is not None else None
     work = _download(tmp_path, b"from the server")
-    ours = stat_key(os.lstat(work))
-    check_unchanged(root / "doc.txt", expected, "doc.txt")  # place's check passes ...
-    _save(root / "doc.txt", b"the user's save")  # ... and the user saves before its swap
+    check_unchanged(target, expected, "doc.txt")  # place's check passes ...
+    meanwhile(target)  # ... and the user acts before its swap
     with pytest.raises(LocalChanged):
-        swap_in(work, root / "doc.txt", expected, "doc.txt", ours, lambda f: "unused")
-    assert (root / "doc.txt").read_bytes() == b"the user's save"
+        swap_in(work, target, expected, "doc.txt", stat_key(os.lstat(work)), str)
+    assert (target.read_bytes() if target.exists() else None) == after
     assert work.read_bytes() == b"from the server"  # left for the caller to remove
-    assert sorted(p.name for p in root.iterdir()) == ["doc.txt"]
-
-
-def test_a_write_in_place_between_the_check_and_the_swap_keeps_its_name(tmp_path: Path) -> None:
-    root = tmp_path / "folder"
-    root.mkdir()
-    (root / "log.txt").write_bytes(b"synced")
-    expected = _seen(root, "log.txt")
-    work = _download(tmp_path, b"from the server")
-    with open(root / "log.txt", "ab") as f:
-        f.write(b" and appended")
-    with pytest.raises(LocalChanged):
-        swap_in(work, root / "log.txt", expected, "log.txt", stat_key(os.lstat(work)), str)
-    assert (root / "log.txt").read_bytes() == b"synced and appended"
-
-
-def test_a_file_created_between_the_check_and_the_rename_is_not_replaced(tmp_path: Path) -> None:
-    root = tmp_path / "folder"
-    root.mkdir()
-    work = _download(tmp_path, b"from the server")
-    (root / "new.txt").write_bytes(b"created by the user")
-    with pytest.raises(LocalChanged):
-        swap_in(work, root / "new.txt", None, "new.txt", stat_key(os.lstat(work)), str)
-    assert (root / "new.txt").read_bytes() == b"created by the user"
-
-
-def test_a_file_deleted_between_the_check_and_the_swap_is_not_brought_back(tmp_path: Path) -> None:
-    root = tmp_path / "folder"
-    root.mkdir()
-    (root / "gone.txt").write_bytes(b"synced")
-    expected = _seen(root, "gone.txt")
-    work = _download(tmp_path, b"from the server")
-    (root / "gone.txt").unlink()
-    with pytest.raises(LocalChanged):
-        swap_in(work, root / "gone.txt", expected, "gone.txt", stat_key(os.lstat(work)), str)
-    assert not (root / "gone.txt").exists()
+    assert sorted(p.name for p in root.iterdir()) == (["doc.txt"] if after else [])
 
 
 def test_placing_replaces_the_checked_file_and_records_our_own_stat(tmp_path: Path) -> None:
