@@ -287,7 +287,7 @@ class Engine:
             nonlocal started
             try:
                 data = json.loads(event.data)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise ProtocolError(f"event with invalid JSON: {event.data[:200]!r}") from None
             if event.event == "hello":
                 if not isinstance(data, dict) or data.get("server_id") != self.index.meta(

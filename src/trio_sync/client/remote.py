@@ -132,7 +132,7 @@ class Remote:
                 return
             data = _json(line)
             if header is None:
-                header = data
+                header = _object(data, "/files header")
             else:
                 entry = _entry(data)
                 entries[entry.path] = entry
@@ -146,7 +146,9 @@ class Remote:
         take(pending)
         if header is None or not isinstance(header.get("rev"), int):
             raise ProtocolError("/files: missing header line")
-        return str(header["server_id"]), int(header["rev"]), entries
+        if not isinstance(header.get("server_id"), str):
+            raise ProtocolError("/files: no server_id in the header line")
+        return header["server_id"], header["rev"], entries
 
     async def missing(self, hashes: Iterable[str]) -> set[str]:
         wanted = list(dict.fromkeys(hashes))
@@ -154,7 +156,10 @@ class Remote:
         for i in range(0, len(wanted), MAX_HASHES_PER_QUERY):
             batch = wanted[i : i + MAX_HASHES_PER_QUERY]
             response = await self._request("POST", "/chunks/missing", json={"hashes": batch})
-            missing.update(_json(response.content)["missing"])
+            listed = _object(_json(response.content), "/chunks/missing").get("missing")
+            if not isinstance(listed, list):
+                raise ProtocolError("/chunks/missing: 'missing' must be a list")
+            missing.update(check_hash(h) for h in listed)
         return missing
 
     async def put_chunks(self, frames: list[Frame]) -> tuple[set[str], set[str]]:
@@ -169,13 +174,11 @@ class Remote:
             "POST", "/chunks", content=body,
             headers={"Content-Type": MEDIA_TYPE, "Content-Length": str(size)},
         )  # fmt: skip
-        data = _json(response.content)
-        try:
-            return {check_hash(h) for h in data["stored"]}, {
-                check_hash(h) for h in data["rejected"]
-            }
-        except (KeyError, TypeError) as e:
-            raise ProtocolError(f"/chunks: unexpected answer {e!r}") from None
+        data = _object(_json(response.content), "/chunks")
+        stored, rejected = data.get("stored"), data.get("rejected")
+        if not isinstance(stored, list) or not isinstance(rejected, list):
+            raise ProtocolError("/chunks: 'stored' and 'rejected' must be lists")
+        return {check_hash(h) for h in stored}, {check_hash(h) for h in rejected}
 
     async def fetch_chunks(
         self,
@@ -206,7 +209,7 @@ class Remote:
         """Commit a batch; each result is the new entry or the error for that one change."""
         body = {"commits": [r.to_json() for r in requests]}
         response = await self._request("POST", "/commits", json=body)
-        results = _json(response.content).get("results")
+        results = _object(_json(response.content), "/commits").get("results")
         if not isinstance(results, list) or len(results) != len(requests):
             raise ProtocolError("/commits: one result per commit expected")
         return [_commit_result(r) for r in results]
@@ -274,8 +277,16 @@ def _commit_result(data: object) -> FileEntry | RemoteError:
 def _json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ProtocolError(f"server sent invalid JSON: {raw[:200]!r}") from None
+
+
+def _object(data: object, where: str) -> dict[str, Any]:
+    """*data* if it is a JSON object: a server's answer of any other shape is a ProtocolError
+    (the client reconnects), never an AttributeError that ends it."""
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _entry(data: object) -> FileEntry:
@@ -314,5 +325,8 @@ def _error_from(body: dict[str, Any], status: int) -> RemoteError:
         reason = str(body.get("reason", "stale"))
         return Conflict(entry.path if entry else "?", entry, reason=reason, blocking=blocking)
     if error == "chunks_missing":
-        return ChunksMissing([check_hash(h) for h in body.get("missing") or []])
+        listed = body.get("missing") or []
+        if not isinstance(listed, list):
+            raise ProtocolError("chunks_missing: 'missing' must be a list")
+        return ChunksMissing([check_hash(h) for h in listed])
     return RejectedByServer(status or 422, str(body.get("message") or error))
