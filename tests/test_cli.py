@@ -354,3 +354,19 @@ async def test_a_server_on_every_address_makes_a_certificate_and_prints_its_fing
     assert wrong.returncode == 5
     assert b"nothing was sent" in wrong.stderr
     assert await server.terminate() == 0
+
+
+async def test_a_client_stopped_as_it_starts_leaves_no_temp_files(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    """The soak found one: SIGTERM just after the client made its temp folder, before its
+    signal handler was in place, ended it on the spot. The handler now comes first."""
+    _, url, token = await start_server(spawn, tmp_path / "data")
+    for attempt in range(5):
+        folder = tmp_path / f"dir{attempt}"
+        client: Proc = await spawn("client", str(folder), "--server", url, "--token", token)
+        with trio.fail_after(20):
+            while not (folder / ".trio-sync/tmp").exists():  # noqa: ASYNC110 - another process
+                await trio.sleep(0.001)
+        assert await client.terminate() == 0
+        assert not (folder / ".trio-sync/tmp").exists()

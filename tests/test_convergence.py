@@ -41,6 +41,8 @@ from .conftest import TOKEN, eventually, folders, in_sync, tree
 from .processes import ClientProcess, ForkServer, ServerProcess, fork_server
 
 RUNS = int(os.environ.get("TRIO_SYNC_CONVERGENCE_RUNS", "3"))
+#: Where failed histories are kept (pytest removes its temp folders after a few runs).
+KEEP = Path(os.environ.get("TRIO_SYNC_SOAK_KEEP", Path(__file__).parent.parent / ".soak-failures"))
 SOAK_SECONDS = float(os.environ.get("TRIO_SYNC_SOAK_SECONDS", "0"))
 FIXED_SEED = os.environ.get("TRIO_SYNC_SEED")
 OPS = int(os.environ.get("TRIO_SYNC_CONVERGENCE_OPS", "40"))
@@ -277,14 +279,25 @@ async def run_history(seed: int, forks: ForkServer, home: Path) -> Counter[str]:
                 await client.crash()
             await server.crash()
         if isinstance(e, AssertionError):
+            kept = _keep(home, seed, world.log)
             raise AssertionError(
                 f"seed {seed} (replay with TRIO_SYNC_SEED={seed}): {e}\n"
-                f"kept: {home} (folders, server data dir, logs/)\nops:\n" + "\n".join(world.log)
+                f"kept: {kept} (folders, server data dir, logs/)\nops:\n" + "\n".join(world.log)
             ) from None
         raise
     shutil.rmtree(home)
     world.kinds[f"histories of {len(names)} clients"] += 1
     return world.kinds
+
+
+def _keep(home: Path, seed: int, ops: list[str]) -> Path:
+    """Move a failed history out of pytest's temp folders, which later runs delete, with its
+    actions in ops.log beside the processes' logs."""
+    kept = KEEP / f"seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(home, kept)
+    (kept / "logs" / "ops.log").write_text("\n".join(ops) + "\n")
+    return kept
 
 
 def _check_only_whole_versions_visible(world: World) -> None:

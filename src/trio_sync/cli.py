@@ -258,8 +258,16 @@ def _when(timestamp: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
 
 
-async def _until_signal(cancel_scope: trio.CancelScope, stop: trio.Event | None = None) -> None:
+async def _until_signal(
+    cancel_scope: trio.CancelScope,
+    stop: trio.Event | None = None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Started with `nursery.start` before any work: a signal that came before the handler was
+    in place would end the process on the spot, with its temp files left behind."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
         async for signum in signals:
             log.info("received %s, stopping", signal.Signals(signum).name)
             if stop is not None:
@@ -274,7 +282,7 @@ async def server_main(config: ServerConfig) -> int:
     stop = trio.Event()
     code = EXIT_OK
     async with trio.open_nursery() as outer:
-        outer.start_soon(_until_signal, outer.cancel_scope, stop)
+        await outer.start(_until_signal, outer.cancel_scope, stop)
         try:
             async with trio.open_nursery() as inner:
                 running: RunningServer = await inner.start(partial(run_server, config, stop=stop))
@@ -321,7 +329,7 @@ async def client_main(config: ClientConfig, once: bool) -> int:
     engine = Engine(config)
     code = EXIT_OK
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_until_signal, nursery.cancel_scope)
+        await nursery.start(_until_signal, nursery.cancel_scope)
         try:
             if once:
                 problems = await engine.sync_once()
