@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import nox
 
 nox.options.sessions = ["lint", "typecheck", "tests"]
@@ -32,7 +34,7 @@ def typecheck(session: nox.Session) -> None:
 def soak(session: nox.Session) -> None:
     """Random convergence histories until TRIO_SYNC_SOAK_SECONDS (default 600) run out."""
     session.install("-e", ".[test]")
-    seconds = session.env.get("TRIO_SYNC_SOAK_SECONDS", "600")
+    seconds = os.environ.get("TRIO_SYNC_SOAK_SECONDS", "600")  # session.env holds only overrides
     session.run(
         "pytest", "tests/test_convergence.py::test_soak", "-x", "-s", *session.posargs,
         env={"TRIO_SYNC_SOAK_SECONDS": seconds},
@@ -44,7 +46,7 @@ def crash(session: nox.Session) -> None:
     """Crash trials: TRIO_SYNC_CRASH_TRIALS (default 100) histories in which clients and the
     server are killed with SIGKILL ten times as often as in the soak."""
     session.install("-e", ".[test]")
-    trials = session.env.get("TRIO_SYNC_CRASH_TRIALS", "100")
+    trials = os.environ.get("TRIO_SYNC_CRASH_TRIALS", "100")
     session.run(
         "pytest", "tests/test_convergence.py::test_soak", "-x", "-s", *session.posargs,
         env={"TRIO_SYNC_CRASH_TRIALS": trials, "TRIO_SYNC_CRASH_WEIGHT": "10"},
@@ -55,7 +57,7 @@ def crash(session: nox.Session) -> None:
 def fuzz(session: nox.Session) -> None:
     """Random input against a live server, TRIO_SYNC_FUZZ_EXAMPLES (default 5000) per test."""
     session.install("-e", ".[test]")
-    examples = session.env.get("TRIO_SYNC_FUZZ_EXAMPLES", "5000")
+    examples = os.environ.get("TRIO_SYNC_FUZZ_EXAMPLES", "5000")
     session.run(
         "pytest", "tests/test_fuzz.py", "tests/test_server_limits.py", *session.posargs,
         env={"TRIO_SYNC_FUZZ_EXAMPLES": examples},
