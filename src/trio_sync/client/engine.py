@@ -213,6 +213,7 @@ class Engine:
                                     watch,
                                     self.root,
                                     self._on_local_change,
+                                    on_overflow=self._mark_all,
                                     debounce_ms=self.config.debounce_ms,
                                 )
                             )
@@ -415,7 +416,8 @@ class Engine:
         log.info("ignore rules %s", "loaded" if text else "cleared")
         return True
 
-    async def _on_local_change(self, paths: set[str]) -> None:
+    async def _on_local_change(self, paths: set[str], folders_seen: set[str]) -> None:
+        """*folders_seen*: those of *paths* the watcher saw appear, move or go as folders."""
         if IGNORE_FILE in paths and await self._reload_ignore() and self.remote_state is not None:
             await self._mark_all()  # what is ignored changed: look at everything again
         changed = {p for p in paths if is_valid_path(p)}
@@ -425,12 +427,15 @@ class Engine:
         self.queue.mark_many(changed)
         # A folder moved or deleted is one event for the folder: look at everything under it.
         self.queue.mark_many(await self._walk(*changed))
+        # A folder is known as one from the index, or from the watcher when it is new. Below a
+        # new one, what was made and deleted again before its watch existed is found here: in
+        # the index, or still with the worker that downloads it (it looks again when done).
         folders = {p for p in changed if (base := self.index.get(p)) is not None and base.is_dir}
+        if folders_seen & changed:
+            folders |= folders_seen & changed
+            self.queue.mark_many(p for p in self.queue.busy if _below(p, folders))
         if folders:  # the index is big; most batches name only files
-            for known in self.index.paths():
-                parts = known.split("/")
-                if any("/".join(parts[:i]) in folders for i in range(1, len(parts))):
-                    self.queue.mark(known)
+            self.queue.mark_many(p for p in self.index.paths() if _below(p, folders))
 
     async def _housekeeping(self, transfer: Transfer) -> None:
         while True:
@@ -665,6 +670,12 @@ def _expire(folder: Path, keep_seconds: float) -> None:
 
 def _content(entry: FileEntry) -> Content:
     return Content(entry.hash, entry.executable, entry.kind == DIR)
+
+
+def _below(path: str, folders: set[str]) -> bool:
+    """Whether *path* is inside one of *folders*."""
+    parts = path.split("/")
+    return any("/".join(parts[:i]) in folders for i in range(1, len(parts)))
 
 
 def _nothing() -> None:

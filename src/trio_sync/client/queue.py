@@ -67,6 +67,11 @@ class PathQueue:
         self._wake()
 
     @property
+    def busy(self) -> frozenset[str]:
+        """The paths workers hold now."""
+        return frozenset(self._busy)
+
+    @property
     def idle(self) -> bool:
         return not self._pending and not self._busy and not self._deferred
 

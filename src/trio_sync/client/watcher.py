@@ -1,52 +1,242 @@
-"""Local change notifications: inotify through watchfiles' Rust core, debounced into batches.
+"""Local change notifications: one inotify watch per real folder, never through a symlink.
 
-We drive `RustNotify` ourselves rather than `watchfiles.awatch` so that readiness is a value
-(the watches exist before `task_status.started()`) and cancellation is bounded by a short poll.
+We watch with inotify ourselves rather than through watchfiles: its recursive watch follows
+symlinked folders (review L6: one link to a system folder cost 11,364 watches, and a link to `/`
+or a loop can exhaust them). Here every folder is opened by a walk that refuses symlinks and
+is watched through its open descriptor, so a folder swapped for a link after the walk is not
+what gets watched. The descriptor is waited on by Trio: no thread, no polling while idle, and
+the watches on the whole tree exist before `task_status.started()`.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import logging
 import os
-from collections.abc import Awaitable, Callable
+import struct
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 
 import trio
-from watchfiles._rust_notify import RustNotify
 
-from ..protocol.paths import STATE_DIR_NAME
+from ..protocol.paths import is_state_dir
 
-#: How long the watcher thread waits before checking for cancellation, in milliseconds.
-POLL_MS = 250
+log = logging.getLogger(__name__)
+
+# <sys/inotify.h>
+IN_MODIFY = 0x2
+IN_ATTRIB = 0x4
+IN_CLOSE_WRITE = 0x8
+IN_MOVED_FROM = 0x40
+IN_MOVED_TO = 0x80
+IN_CREATE = 0x100
+IN_DELETE = 0x200
+IN_DELETE_SELF = 0x400
+IN_MOVE_SELF = 0x800
+IN_Q_OVERFLOW = 0x4000
+IN_IGNORED = 0x8000
+IN_ONLYDIR = 0x1000000
+IN_EXCL_UNLINK = 0x4000000
+IN_ISDIR = 0x40000000
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+
+_MASK = (
+    IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
+    | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR | IN_EXCL_UNLINK
+)  # fmt: skip
+_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of NUL-padded name
+_READ_SIZE = 64 * 1024
+_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+#: How long a burst of events may keep growing one batch, and the quiet that ends it sooner.
+STEP_MS = 50
+
+
+class _Inotify:
+    """The kernel's inotify, through libc. Watches are keyed by the folder's wire path."""
+
+    def __init__(self) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+        self._libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+        self.fd = self._check(self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC))
+        self.folders: dict[int, str] = {}  # watch descriptor -> wire path ("" is the root)
+        self._full_warned = False
+
+    def _check(self, result: int) -> int:
+        if result < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+        return result
+
+    def add(self, fd: int, rel: str) -> None:
+        """Watch the folder open as *fd*. Through `/proc/self/fd/N` the kernel resolves the very
+        folder we opened, whatever its name leads to by now."""
+        try:
+            wd = self._check(
+                self._libc.inotify_add_watch(self.fd, f"/proc/self/fd/{fd}".encode(), _MASK)
+            )
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            if not self._full_warned:
+                self._full_warned = True
+                log.error(
+                    "out of inotify watches at %s: changes below it are seen only when the client"
+                    " starts again; raise fs.inotify.max_user_watches (sysctl) and restart it",
+                    rel or "the synced folder",
+                )
+            return
+        self.folders[wd] = rel
+
+    def forget(self, rel: str) -> None:
+        """Stop watching folder *rel* and everything below it (it moved away)."""
+        below = rel + "/"
+        for wd, folder in list(self.folders.items()):
+            if folder == rel or folder.startswith(below):
+                del self.folders[wd]
+                self._libc.inotify_rm_watch(self.fd, wd)  # EINVAL if already gone: fine
+
+    def read(self) -> Iterator[tuple[int, int, str]]:
+        """Every event queued now: (watch descriptor, mask, name)."""
+        while True:
+            try:
+                data = os.read(self.fd, _READ_SIZE)
+            except BlockingIOError:
+                return
+            offset = 0
+            while offset < len(data):
+                wd, mask, _cookie, size = _EVENT.unpack_from(data, offset)
+                offset += _EVENT.size
+                name = os.fsdecode(data[offset : offset + size].rstrip(b"\0"))
+                offset += size
+                yield wd, mask, name
+
+    def close(self) -> None:
+        trio.lowlevel.notify_closing(self.fd)
+        os.close(self.fd)
+
+
+def _watch_tree(inotify: _Inotify, root: Path, top: str) -> None:
+    """Watch folder *top* (a wire path) and every real folder below it. Blocking."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in top.split("/") if top else ():
+            child = os.open(part, _FOLDER, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except OSError:
+        os.close(fd)
+        return  # gone again, or a symlink / a file by now: nothing to watch
+    stack = [(fd, top)]
+    while stack:
+        fd, rel = stack.pop()
+        try:
+            inotify.add(fd, rel)
+            with os.scandir(fd) as entries:
+                names = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+            for name in names:
+                if not rel and is_state_dir(name):
+                    continue
+                try:
+                    child = os.open(name, _FOLDER, dir_fd=fd)
+                except OSError:
+                    continue  # removed, or replaced by a symlink since the listing
+                stack.append((child, f"{rel}/{name}" if rel else name))
+        except OSError as e:
+            log.warning("cannot watch %s: %s", rel or "the synced folder", e)
+        finally:
+            os.close(fd)
 
 
 async def watch(
     root: Path,
-    on_change: Callable[[set[str]], Awaitable[None]],
+    on_change: Callable[[set[str], set[str]], Awaitable[None]],
     *,
+    on_overflow: Callable[[], Awaitable[None]],
     debounce_ms: int = 200,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Call *on_change* with the wire paths (files or folders) that changed, batch by batch."""
-    notify = await trio.to_thread.run_sync(
-        lambda: RustNotify([str(root)], False, False, 300, True, True)
-    )
-    prefix = str(root) + os.sep
-    state = STATE_DIR_NAME + "/"
+    """Call *on_change* with the wire paths (files or folders) that changed, batch by batch,
+    and those of them that are folders which appeared, moved or went away.
+
+    Such a folder is reported once, by its own path: the caller looks at everything below it
+    (on disk and in its index), which also covers what happened in a new folder before its
+    watch existed. When the kernel dropped events (its queue overflowed), *on_overflow* is
+    called instead: look at everything.
+    """
+    inotify = _Inotify()
+    limiter = trio.CapacityLimiter(1)
+
+    async def take(batch: _Batch) -> None:
+        # New folders are watched as soon as they are read of, not after the burst: what
+        # happens in them before their watch exists is seen only by the caller's look below.
+        for folder in batch.take(inotify.read()):
+            await trio.to_thread.run_sync(_watch_tree, inotify, root, folder, limiter=limiter)
+
     try:
+        await trio.to_thread.run_sync(_watch_tree, inotify, root, "", limiter=limiter)
         task_status.started()
         while True:
-            raw = await trio.to_thread.run_sync(notify.watch, debounce_ms, 50, POLL_MS, None)
-            if not isinstance(raw, set):
-                continue  # "timeout": nothing happened
-            paths = set()
-            for _change, full in raw:
-                if not full.startswith(prefix):
-                    continue
-                rel = full[len(prefix) :].replace(os.sep, "/")
-                if rel == STATE_DIR_NAME or rel.startswith(state):
-                    continue
-                paths.add(rel)
-            if paths:
-                await on_change(paths)
+            batch = _Batch(inotify)
+            await trio.lowlevel.wait_readable(inotify.fd)
+            await take(batch)
+            deadline = trio.current_time() + debounce_ms / 1000
+            while (now := trio.current_time()) < deadline:
+                with trio.move_on_at(min(deadline, now + STEP_MS / 1000)) as quiet:
+                    await trio.lowlevel.wait_readable(inotify.fd)
+                if quiet.cancelled_caught:
+                    break  # quiet for a step: the burst is over
+                await take(batch)
+            if batch.everything:
+                await on_overflow()
+            elif batch.paths:
+                await on_change(batch.paths, batch.folders)
     finally:
-        notify.close()
+        inotify.close()
+
+
+class _Batch:
+    """The paths a burst of events names, and whether everything must be looked at again."""
+
+    def __init__(self, inotify: _Inotify) -> None:
+        self._inotify = inotify
+        self.paths: set[str] = set()
+        self.folders: set[str] = set()
+        self.everything = False
+
+    def take(self, events: Iterable[tuple[int, int, str]]) -> list[str]:
+        """Add *events*; return the folders that appeared in them, to be watched."""
+        folders = self._inotify.folders
+        new: list[str] = []
+        for wd, mask, name in events:
+            if mask & IN_Q_OVERFLOW:
+                log.warning("the kernel dropped file events (a burst too big); rescanning all")
+                self.everything = True
+                continue
+            folder = folders.get(wd)
+            if folder is None:
+                continue  # a watch we dropped; its folder is watched again under its new name
+            if mask & IN_IGNORED:
+                del folders[wd]
+                continue
+            if not name:  # the folder itself; its parent's event names it, except for the root
+                if not folder and mask & (IN_DELETE_SELF | IN_MOVE_SELF):
+                    # Not a reason to rescan: that would read an unmounted or moved folder as
+                    # everything deleted. What was deleted in it was reported file by file.
+                    log.error("the synced folder itself was moved or deleted; not following it")
+                continue
+            if not folder and is_state_dir(name):
+                continue
+            rel = f"{folder}/{name}" if folder else name
+            self.paths.add(rel)
+            if mask & IN_ISDIR:
+                self.folders.add(rel)
+                if mask & IN_MOVED_FROM:
+                    self._inotify.forget(rel)
+                    new = [f for f in new if f != rel and not f.startswith(rel + "/")]
+                elif mask & (IN_CREATE | IN_MOVED_TO):
+                    new.append(rel)
+        return new

@@ -18,7 +18,7 @@ MAX_COMPONENT_BYTES = 255
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
 
 
-def _is_state_dir(name: str) -> bool:
+def is_state_dir(name: str) -> bool:
     """Whether *name* is the state folder on some filesystem: on case-insensitive ones (vfat,
     exfat, ext4 casefold) `.TRIO-SYNC` is the same folder (casefold, not lower: the long s U+017F
     folds to `s` there), and vfat drops trailing dots and spaces."""
@@ -51,7 +51,7 @@ def check_path(path: str) -> str:
             raise InvalidPath(f"path has an empty, '.' or '..' component: {path!r}")
         if len(part.encode("utf-8")) > MAX_COMPONENT_BYTES:
             raise InvalidPath(f"path component longer than {MAX_COMPONENT_BYTES} bytes: {path!r}")
-    if _is_state_dir(parts[0]):
+    if is_state_dir(parts[0]):
         raise InvalidPath(f"path is inside the reserved {STATE_DIR_NAME} folder: {path!r}")
     return path
 

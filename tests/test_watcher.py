@@ -1,0 +1,156 @@
+"""The watcher: one inotify watch per real folder, never through a symlink (review L6)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from trio_sync.client.watcher import watch
+
+
+def inotify_watches() -> int:
+    """How many inotify watches this process holds, as the kernel reports them."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify":
+                continue
+            with open(f"/proc/self/fdinfo/{fd}") as info:
+                count += sum(line.startswith("inotify wd:") for line in info)
+        except OSError:
+            continue
+    return count
+
+
+class Seen:
+    def __init__(self) -> None:
+        self.paths: set[str] = set()
+        self.folders: set[str] = set()
+        self.overflows = 0
+        self._changed = trio.Event()
+
+    async def on_change(self, paths: set[str], folders: set[str]) -> None:
+        assert folders <= paths
+        self.paths |= paths
+        self.folders |= folders
+        self._changed.set()
+
+    async def on_overflow(self) -> None:
+        self.overflows += 1
+        self._changed.set()
+
+    async def until(self, path: str) -> None:
+        with trio.fail_after(5):
+            while path not in self.paths:
+                self._changed = trio.Event()
+                await self._changed.wait()
+
+    async def until_overflow(self) -> None:
+        with trio.fail_after(5):
+            while not self.overflows:
+                self._changed = trio.Event()
+                await self._changed.wait()
+
+    async def quiet(self) -> None:
+        """Wait until a batch that was coming would have come."""
+        await trio.sleep(0.5)
+
+
+@asynccontextmanager
+async def watching(root: Path) -> AsyncIterator[Seen]:
+    seen = Seen()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: watch(
+                root,
+                seen.on_change,
+                on_overflow=seen.on_overflow,
+                debounce_ms=50,
+                task_status=task_status,
+            )
+        )
+        yield seen
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_symlinked_folder_is_neither_watched_nor_reported(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "a" / "b").mkdir(parents=True)
+    for i in range(30):
+        (outside / f"d{i}").mkdir(parents=True)
+    (root / "link").symlink_to(outside)
+    before = inotify_watches()
+    async with watching(root) as seen:
+        assert inotify_watches() - before == 3  # the root, a, a/b; nothing behind the link
+        (outside / "d7" / "secret").write_text("x")
+        (root / "a" / "b" / "f").write_text("x")
+        await seen.until("a/b/f")
+        await seen.quiet()
+        assert not any(p.startswith("link/") for p in seen.paths), seen.paths
+    assert inotify_watches() == before  # everything is released on the way out
+
+
+async def test_a_new_tree_is_reported_by_its_top_and_then_watched(tmp_path: Path) -> None:
+    async with watching(tmp_path) as seen:
+        (tmp_path / "x" / "y" / "z").mkdir(parents=True)
+        (tmp_path / "x" / "y" / "z" / "early").write_text("x")
+        await seen.until("x")  # the caller walks it: what came before the watch is found so
+        assert "x" in seen.folders
+        await seen.quiet()
+        (tmp_path / "x" / "y" / "z" / "late").write_text("x")
+        await seen.until("x/y/z/late")
+
+
+async def test_a_folder_moved_inside_is_followed_under_its_new_name(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    async with watching(tmp_path) as seen:
+        (tmp_path / "a").rename(tmp_path / "c")
+        await seen.until("c")
+        assert "a" in seen.paths
+        await seen.quiet()
+        seen.paths.clear()
+        (tmp_path / "c" / "b" / "new").write_text("x")
+        await seen.until("c/b/new")
+        await seen.quiet()
+        assert not any(p.startswith("a/") for p in seen.paths), seen.paths
+
+
+async def test_a_folder_moved_out_is_no_longer_watched(tmp_path: Path) -> None:
+    root, away = tmp_path / "root", tmp_path / "away"
+    (root / "a" / "b").mkdir(parents=True)
+    before = inotify_watches()
+    async with watching(root) as seen:
+        (root / "a").rename(away)
+        await seen.until("a")
+        await seen.quiet()
+        assert inotify_watches() - before == 1
+        (away / "b" / "f").write_text("x")
+        (root / "g").write_text("x")
+        await seen.until("g")
+        await seen.quiet()
+        assert not any(p.startswith("a/") for p in seen.paths), seen.paths
+
+
+async def test_the_state_folder_is_not_reported_in_any_case(tmp_path: Path) -> None:
+    (tmp_path / ".trio-sync").mkdir()
+    async with watching(tmp_path) as seen:
+        (tmp_path / ".trio-sync" / "index.db").write_text("x")
+        (tmp_path / ".TRIO-SYNC").mkdir(exist_ok=True)  # the same folder on vfat or casefold
+        (tmp_path / "visible").write_text("x")
+        await seen.until("visible")
+        await seen.quiet()
+        assert seen.paths == {"visible"}
+
+
+async def test_events_the_kernel_dropped_ask_for_a_full_rescan(tmp_path: Path) -> None:
+    queue = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())  # noqa: ASYNC240
+    async with watching(tmp_path) as seen:
+        # No checkpoint in this loop: the watcher cannot read, the kernel's queue overflows.
+        for i in range(queue // 2 + 10):
+            fd = os.open(tmp_path / f"f{i}", os.O_CREAT | os.O_WRONLY)
+            os.close(fd)
+        await seen.until_overflow()
