@@ -59,6 +59,25 @@ async def test_a_connection_is_closed_after_connection_close(server: ServerHandl
     assert (await _exchange(server.port, request, within=3)).startswith(b"HTTP/1.1 200")
 
 
+async def test_an_answer_before_the_body_says_the_connection_will_close(
+    server: ServerHandle,
+) -> None:
+    """Hypercorn closes a connection whose request body had not arrived when the answer was
+    sent, without a `Connection: close`; a client reusing it met "Server disconnected"."""
+    request = b"GET /info HTTP/1.1\r\nHost: x\r\n" + AUTH + b"Content-Length: 5\r\n\r\n"
+    got = await _exchange(server.port, request, within=3)  # the body never comes
+    head = got.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 200"), head
+    assert b"\r\nconnection: close" in head, head
+    request = b"GET /info HTTP/1.1\r\nHost: x\r\n" + AUTH + b"\r\n"  # no body: kept open
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    await stream.send_all(request)
+    with trio.fail_after(3):
+        head = (await stream.receive_some()).split(b"\r\n\r\n", 1)[0].lower()
+    await stream.aclose()
+    assert b"connection: close" not in head, head
+
+
 async def test_an_idle_keep_alive_connection_is_closed(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -66,6 +85,33 @@ async def test_an_idle_keep_alive_connection_is_closed(
     await server.start()
     request = b"GET /info HTTP/1.1\r\nHost: x\r\n\r\n"  # keep-alive: the default of HTTP/1.1
     assert (await _exchange(server.port, request, within=3)).startswith(b"HTTP/1.1 401")
+    await server.stop()
+
+
+async def test_connections_beyond_the_cap_wait_until_one_closes(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Peers that connect and send nothing held a descriptor each with no bound (hypercorn#81).
+    Beyond the cap a connection waits in the kernel's backlog until the server closes one (here
+    the idle ones, at the keep-alive timeout)."""
+    server = ServerHandle(
+        tmp_path / "server", nursery, settings={"max_connections": 4, "keep_alive_timeout": 2}
+    )
+    await server.start()
+    idle = [await trio.open_tcp_stream("127.0.0.1", server.port) for _ in range(4)]
+    request = b"GET /info HTTP/1.1\r\nHost: x\r\n" + AUTH + b"Connection: close\r\n\r\n"
+    waiting = await trio.open_tcp_stream("127.0.0.1", server.port)
+    await waiting.send_all(request)
+    with trio.move_on_after(1) as not_served:
+        await waiting.receive_some()
+    assert not_served.cancelled_caught, "a fifth connection was served past a cap of four"
+    got = b""
+    with trio.fail_after(10):
+        while data := await waiting.receive_some():
+            got += data
+    assert got.startswith(b"HTTP/1.1 200"), got[:200]
+    for stream in [*idle, waiting]:
+        await stream.aclose()
     await server.stop()
 
 

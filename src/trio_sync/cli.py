@@ -54,6 +54,16 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more: {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trio-sync", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -79,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
         default=30.0,
         help="keep replaced and deleted versions this long before their space is reclaimed"
         " (default: 30)",
+    )
+    server.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=4096,
+        help="connections open at once; beyond it new ones wait (default: 4096)",
     )
 
     tokens = sub.add_parser("token", help="add, list or revoke client tokens")
@@ -160,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             port=args.port,
             token=token,
             keep_history_days=args.keep_history_days,
+            max_connections=args.max_connections,
             tls_cert=args.tls_cert.expanduser().resolve() if args.tls_cert else None,
             tls_key=args.tls_key.expanduser().resolve() if args.tls_key else None,
         )

@@ -30,6 +30,9 @@ class ServerConfig:
     graceful_timeout: float = 2.0
     #: An idle connection between requests is closed after this many seconds.
     keep_alive_timeout: float = 5.0
+    #: Connections open at once; beyond it the server waits before accepting more (each live
+    #: client holds one for its event stream, and a few more while it transfers).
+    max_connections: int = 4096
     #: A request body may take this long before it must arrive at 16 KiB/s on average.
     body_grace: float = 30.0
     #: TLS: the certificate (chain) and its key, PEM. A server on a non-loopback address without

@@ -2,7 +2,8 @@
 
 An ASGI wrapper around the app, so every route is counted the same way and no handler has to
 remember to. Benchmarks and tests read the figures to show what a sync really sent. It also
-shields the last send of every response (see `counted_send`).
+keeps two HTTP/1.1 promises Hypercorn needs help with: the last send of every response is
+shielded, and a response sent before its request's body arrived says `Connection: close`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
+from hypercorn.typing import (
+    ASGIFramework,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    HTTPScope,
+    Scope,
+)
 
 _HASH_IN_PATH = re.compile(r"/[0-9a-f]{64}$")
 #: How long the last send of a response may take, shielded, before it is given up.
@@ -49,14 +56,25 @@ class CountingApp:
         route = _HASH_IN_PATH.sub("/{hash}", scope["path"])
         traffic.requests[f"{scope['method']} {route}"] += 1
 
+        body_pending = _declares_body(scope)
+
         async def counted_receive() -> Any:
+            nonlocal body_pending
             message = await receive()
             if message["type"] == "http.request":
                 traffic.bytes_in += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    body_pending = False
             return message
 
         async def counted_send(message: Any) -> None:
-            if message["type"] == "http.response.body":
+            if message["type"] == "http.response.start" and body_pending:
+                # Answered before the body came in (a refusal): Hypercorn then closes the
+                # connection after the response, without saying so, and a client that reuses
+                # it meets a connection closed under its next request.
+                headers = [*message.get("headers", ()), (b"connection", b"close")]
+                message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body":
                 traffic.bytes_out += len(message.get("body", b""))
                 if not message.get("more_body", False):
                     # Hypercorn reports the end of the exchange from inside this last send, and
@@ -72,3 +90,10 @@ class CountingApp:
             await send(message)
 
         await self._app(scope, counted_receive, counted_send)
+
+
+def _declares_body(scope: HTTPScope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.trio import tcp_server as hypercorn_tcp_server
 
 from ..config import ServerConfig
@@ -23,6 +22,8 @@ from .app import create_app
 from .auth import Authenticator
 from .gc import run_periodically
 from .hub import ChangeHub
+from .listen import connection_cap
+from .listen import serve as serve_capped
 from .metrics import CountingApp, Traffic
 from .store import DiskBlobStore, SQLiteMetaStore
 from .tokens import TokenStore
@@ -209,9 +210,10 @@ async def _serve(
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(
                 partial(
-                    hypercorn_serve,
+                    serve_capped,
                     CountingApp(app, traffic),
                     hc,
+                    max_connections=connection_cap(config.max_connections),
                     shutdown_trigger=shutdown_trigger,
                 )
             )
