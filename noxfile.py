@@ -68,3 +68,4 @@ def fuzz(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     session.install("-e", ".")
     session.run("python", "benchmarks/bench.py", *session.posargs)
+    session.run("python", "benchmarks/load.py", *session.posargs)
