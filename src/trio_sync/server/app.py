@@ -42,7 +42,7 @@ from ..protocol.models import (
 )
 from ..protocol.sse import format_comment, format_event
 from .auth import Authenticator, Stream
-from .hub import ChangeHub
+from .hub import ChangeHub, EventPages
 from .metrics import Traffic
 from .store import BlobStore, ChunkBatch, MetaStore
 from .tokens import TokenInfo
@@ -154,6 +154,7 @@ def create_app(
     # Checking that a commit's chunks exist and recording the commit is one step for the
     # garbage collector, which takes the same lock (see server/gc.py).
     lock = commit_lock if commit_lock is not None else trio.Lock()
+    pages = EventPages(lambda rev: meta.changes_since(rev, EVENT_PAGE))
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.config["BODY_TIMEOUT"] = 120
     app.config["BODY_GRACE"] = body_grace
@@ -517,14 +518,11 @@ def create_app(
                 position = start
                 seen = hub.announce_seq  # announcements are news, never replayed
                 while not hub.closed and not stream.revoked:
-                    batch = await meta.changes_since(position, EVENT_PAGE)
-                    if batch:
+                    page = await pages.after(position)
+                    if page is not None:
                         # One write for the page: a tree of small files makes thousands.
-                        yield b"".join(
-                            format_event(json.dumps(e.to_json()), event="change", id=str(e.rev))
-                            for e in batch
-                        )
-                        position = batch[-1].rev
+                        data, position = page
+                        yield data
                         continue
                     news, seen = hub.announced_since(seen, name)
                     if news:

@@ -8,12 +8,20 @@ further behind than that simply misses some (they only let other clients start e
 
 from __future__ import annotations
 
-from collections import deque
+import json
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
 
 import trio
 
+from ..protocol.models import FileEntry
+from ..protocol.sse import format_event
+
 #: Announcements kept for streams that were busy when they arrived.
 ANNOUNCEMENTS_KEPT = 8
+#: Encoded pages of the change log kept for streams that read from the same revision.
+PAGES_KEPT = 64
+PAGES_MAX_BYTES = 16 * 2**20
 
 
 class ChangeHub:
@@ -101,3 +109,77 @@ class ChangeHub:
 
     def unsubscribe(self, token: int) -> None:
         self.subscribers.pop(token, None)
+
+
+class _Read:
+    """A read of the log in progress, and its answer for the streams that waited for it."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.answered = False
+        self.page: tuple[bytes, int] | None = None
+
+
+class EventPages:
+    """Encoded pages of the change log, shared by the streams that read from the same point.
+
+    After a commit every live stream wakes at the same revision and asks what follows it. One of
+    them reads the page from the store and encodes it; the others wait for that and send the
+    same bytes: one query and one encoding per change instead of one per client. A page of
+    the log never changes once read (a later read from the same revision may only find more),
+    so recent pages are kept by their start, bounded in number and in bytes.
+    """
+
+    def __init__(
+        self,
+        read: Callable[[int], Awaitable[list[FileEntry]]],
+        *,
+        keep: int = PAGES_KEPT,
+        max_bytes: int = PAGES_MAX_BYTES,
+    ) -> None:
+        self._read = read
+        self._keep = keep
+        self._max_bytes = max_bytes
+        self._pages: OrderedDict[int, tuple[bytes, int]] = OrderedDict()
+        self._bytes = 0
+        self._reading: dict[int, _Read] = {}
+
+    async def after(self, rev: int) -> tuple[bytes, int] | None:
+        """The change events after *rev* (one page, framed) and the last revision in them;
+        None when there is nothing after *rev* yet."""
+        while True:
+            page = self._pages.get(rev)
+            if page is not None:
+                self._pages.move_to_end(rev)
+                return page
+            reading = self._reading.get(rev)
+            if reading is None:
+                break
+            await reading.done.wait()
+            if reading.answered:
+                return reading.page  # found nothing, or too big to keep
+            # its reader was cancelled (its stream ended): look again
+        reading = self._reading[rev] = _Read()
+        try:
+            entries = await self._read(rev)
+            if entries:
+                data = b"".join(
+                    format_event(json.dumps(e.to_json()), event="change", id=str(e.rev))
+                    for e in entries
+                )
+                reading.page = (data, entries[-1].rev)
+                self._keep_page(rev, reading.page)  # an empty answer is never kept
+            reading.answered = True
+            return reading.page
+        finally:
+            del self._reading[rev]
+            reading.done.set()
+
+    def _keep_page(self, rev: int, page: tuple[bytes, int]) -> None:
+        if len(page[0]) > self._max_bytes:
+            return
+        self._pages[rev] = page
+        self._bytes += len(page[0])
+        while len(self._pages) > self._keep or self._bytes > self._max_bytes:
+            _, (dropped, _) = self._pages.popitem(last=False)
+            self._bytes -= len(dropped)
