@@ -27,7 +27,7 @@ from trio_sync.client.index import StatKey
 from trio_sync.client.landing import Landing
 from trio_sync.client.scanner import stat_key
 from trio_sync.client.transfer import PARTIAL_DIR, partial_name, remove_parked_name
-from trio_sync.config import ClientConfig
+from trio_sync.config import ClientConfig, ServerConfig
 from trio_sync.core.compression import pack, unpack
 from trio_sync.core.durable import filesystem_type, group_syncer, syncfs
 from trio_sync.core.hashing import Chunker, FileDigest, chunk_file, content_hash, cut, hash_bytes
@@ -751,5 +751,11 @@ async def test_garbage_collection_keeps_what_history_and_commits_need(tmp_path: 
             assert await blobs.missing([hash_bytes(orphan)]) == []
             fresh = await collect_garbage(meta, blobs, lock, keep_history=1, grace=5, now=later - 6)
             assert fresh.chunks_deleted == 0
+            # An upload over a slow link: what it sent first is still there hours later (L8).
+            grace = ServerConfig(tmp_path).gc_grace
+            slow = await collect_garbage(
+                meta, blobs, lock, keep_history=1, grace=grace, now=time.time() + 6 * 3600
+            )
+            assert slow.chunks_deleted == 0
         finally:
             await meta.aclose()

@@ -44,8 +44,8 @@ class ServerConfig:
     #: Seconds between garbage collection passes.
     gc_interval: float = 3600.0
     #: A chunk stored or asked about within this many seconds is never collected: a client may
-    #: be about to commit it.
-    gc_grace: float = 3600.0
+    #: be about to commit it, after an upload that took hours over a slow link (review L8).
+    gc_grace: float = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
