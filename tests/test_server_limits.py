@@ -78,6 +78,31 @@ async def test_an_answer_before_the_body_says_the_connection_will_close(
     assert b"connection: close" not in head, head
 
 
+async def test_the_access_log_says_who_did_what_and_never_the_token(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """L9: there was no trail of who called what."""
+    path = tmp_path / "access.log"
+    server = ServerHandle(tmp_path / "server", nursery, settings={"access_log": path})
+    await server.start()
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        assert (await client.get("/info", headers=HEADERS)).status_code == 200
+        assert (
+            await client.get("/info?x=1", headers={"Authorization": "Bearer nope"})
+        ).status_code == 401
+    await server.stop()
+    text = path.read_text()
+    lines = text.splitlines()
+    assert len(lines) == 2, text
+    address, name, method, target, status = lines[0].split()[2:7]
+    assert (address, method, target, status) == ("127.0.0.1", '"GET', '/info"', "200")
+    assert name != "-"
+    assert lines[1].split()[3:7] == ["-", '"GET', '/info?x=1"', "401"]
+    assert TOKEN not in text
+    assert "nope" not in text
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
 async def test_an_idle_keep_alive_connection_is_closed(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:

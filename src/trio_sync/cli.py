@@ -91,6 +91,12 @@ def _parser() -> argparse.ArgumentParser:
         " (default: 30)",
     )
     server.add_argument(
+        "--access-log",
+        type=Path,
+        default=None,
+        help="append a line per request to FILE (who, what, answer; never a token)",
+    )
+    server.add_argument(
         "--max-connections",
         type=_positive_int,
         default=4096,
@@ -177,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             token=token,
             keep_history_days=args.keep_history_days,
             max_connections=args.max_connections,
+            access_log=args.access_log.expanduser().resolve() if args.access_log else None,
             tls_cert=args.tls_cert.expanduser().resolve() if args.tls_cert else None,
             tls_key=args.tls_key.expanduser().resolve() if args.tls_key else None,
         )

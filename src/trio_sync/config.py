@@ -39,6 +39,8 @@ class ServerConfig:
     #: them makes a self-signed pair in its data dir.
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    #: Append one line per request here (address, client, request line, status, bytes, time).
+    access_log: Path | None = None
     #: Replaced versions are kept this long (their chunks too), then garbage-collected.
     keep_history_days: float = 30.0
     #: Seconds between garbage collection passes.

@@ -43,7 +43,7 @@ from ..protocol.models import (
 from ..protocol.sse import format_comment, format_event
 from .auth import Authenticator, Stream
 from .hub import ChangeHub, EventPages
-from .metrics import Traffic
+from .metrics import CLIENT_KEY, Traffic
 from .store import BlobStore, ChunkBatch, MetaStore
 from .tokens import TokenInfo
 
@@ -178,6 +178,7 @@ def create_app(
             response.headers["WWW-Authenticate"] = 'Bearer realm="trio-sync"'
             return response
         g.client = info
+        request.scope[CLIENT_KEY] = info.name  # type: ignore[literal-required]
         auth.saw(info.name, address)
         return None
 

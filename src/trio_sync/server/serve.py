@@ -5,7 +5,8 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -24,7 +25,7 @@ from .gc import run_periodically
 from .hub import ChangeHub
 from .listen import connection_cap
 from .listen import serve as serve_capped
-from .metrics import CountingApp, Traffic
+from .metrics import CountingApp, Traffic, access
 from .store import DiskBlobStore, SQLiteMetaStore
 from .tokens import TokenStore
 
@@ -75,7 +76,7 @@ async def run_server(
             tls = await trio.to_thread.run_sync(_tls_files, config)
             auth = Authenticator(tokens, config.token)
             io = Offload(4)  # chunk files and their (de)compression
-            async with io.running():
+            async with io.running(), _access_log(config.access_log):
                 await _serve(
                     config, data_dir, auth, io, stop, task_status,
                     tls=tls,
@@ -89,6 +90,29 @@ async def run_server(
             await trio.to_thread.run_sync(tokens.close)
     finally:
         os.close(lock)  # releases the flock
+
+
+@asynccontextmanager
+async def _access_log(path: Path | None) -> AsyncIterator[None]:
+    """Send `trio_sync.access` to *path* (owner-only) while the server runs."""
+    if path is None:
+        yield
+        return
+
+    def open_log() -> logging.Handler:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
+        handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        return handler
+
+    handler = await trio.to_thread.run_sync(open_log)
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        access.removeHandler(handler)
+        handler.close()
 
 
 @dataclass(frozen=True, slots=True)
