@@ -63,6 +63,10 @@ CLIENT_SETTINGS = {
     "backoff_max": 0.5,
     "debounce_ms": 50,
     "settle_seconds": 0.1,
+    # The histories delete at random, often most of a small tree: the mass-delete guard would
+    # hold that for a confirmation no simulated user gives (tests/test_guard.py covers it).
+    "max_delete_fraction": 1.0,
+    "max_delete_files": 10**9,
 }
 
 

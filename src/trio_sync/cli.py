@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import trio
 
 from .client.engine import Engine
+from .client.guard import confirm
 from .config import ClientConfig, ServerConfig, default_client_name, default_data_dir
 from .core.tls import is_loopback, parse_fingerprint
 from .errors import (
@@ -31,6 +32,7 @@ from .errors import (
 )
 from .memory import limit_allocator_arenas
 from .protocol.models import check_name
+from .protocol.paths import STATE_DIR_NAME
 from .server.serve import RunningServer, run_server
 from .server.tokens import SHARED, TokenStore
 
@@ -51,6 +53,13 @@ def _non_negative(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
+    return value
+
+
+def _percent(text: str) -> float:
+    value = _non_negative(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"must be 100 or less: {text!r}")
     return value
 
 
@@ -149,6 +158,24 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="this client's name in conflict copies and logs (default: the host name)",
     )
+    client.add_argument(
+        "--max-delete-percent",
+        type=_percent,
+        default=50.0,
+        help="hold back deletions when more than this share of the synced files is gone (and"
+        " at least 10); confirm with confirm-deletes (default: 50)",
+    )
+    client.add_argument(
+        "--max-delete-files",
+        type=_positive_int,
+        default=1000,
+        help="hold back deletions when more than this many synced files are gone (default: 1000)",
+    )
+
+    confirm = sub.add_parser(
+        "confirm-deletes", help="let a client send the deletions its mass-delete guard holds"
+    )
+    confirm.add_argument("dir", type=Path, help="the synced folder")
     return parser
 
 
@@ -165,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "token":
         return _token_command(args)
+    if args.command == "confirm-deletes":
+        return _confirm_deletes(args.dir.expanduser().resolve())
     token = args.token or os.environ.get("TRIO_SYNC_TOKEN") or None
     if args.command == "client" and args.token_file is not None:
         try:
@@ -210,6 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         token=token,
         name=name,
         compress=args.compress,
+        max_delete_fraction=args.max_delete_percent / 100,
+        max_delete_files=args.max_delete_files,
     )
     return trio.run(client_main, config, args.once)
 
@@ -233,6 +264,32 @@ def _server_url_problem(args: argparse.Namespace) -> str | None:
         except ValueError as e:
             return f"--fingerprint: {e}"
     return None
+
+
+def _confirm_deletes(folder: Path) -> int:
+    state_dir = folder / STATE_DIR_NAME
+    if not state_dir.is_dir():
+        print(
+            f"trio-sync: {folder} is not a synced folder (no {STATE_DIR_NAME} in it)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        held = confirm(state_dir)
+    except OSError as e:
+        print(f"trio-sync: cannot confirm in {state_dir}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if held is None:
+        print(
+            f"Confirmed. No deletions are held in {folder} now; this confirms the next hold"
+            " within an hour."
+        )
+    else:
+        print(
+            f"Confirmed: {held.get('reason')}. The running client sends the deletions within"
+            " a second (or the next one to start, within an hour)."
+        )
+    return EXIT_OK
 
 
 def _token_command(args: argparse.Namespace) -> int:

@@ -87,6 +87,10 @@ class ClientConfig:
     ahead_quota: int = 8 * 1024**3
     #: A download that would leave less free space than this waits until there is more.
     free_space_reserve: int = 256 * 1024**2
+    #: The mass-delete guard (client/guard.py): deletions are held back when more than this
+    #: share of the synced files (and at least 10), or more than this many files, are gone.
+    max_delete_fraction: float = 0.5
+    max_delete_files: int = 1000
     #: How an https server is verified: a CA file (else the system's CAs), or a pinned SHA-256
     #: fingerprint of its certificate (`core.tls.parse_fingerprint`).
     ca_cert: Path | None = None

@@ -52,6 +52,7 @@ from ..protocol.sse import ServerSentEvent
 from .batching import Batches, ByteBudget
 from .conflicts import normalize_name
 from .early import EarlySend
+from .guard import DeleteGuard, DeletionsHeld, GuardLimits
 from .index import BaseEntry, Index, StatKey, is_racy
 from .landing import Landing
 from .queue import PathQueue
@@ -105,6 +106,7 @@ class Engine:
         self._io = Offload(4)
         self._db = Offload(1)
         self._index: Index | None = None
+        self._guard: DeleteGuard | None = None
         self._scanner = Scanner(self.root, self._io)
         #: Where the event listener hands announced uploads to be fetched ahead (live mode).
         self._ahead: trio.MemorySendChannel[Incoming] | None = None
@@ -149,6 +151,16 @@ class Engine:
             async with self._io.running(), self._db.running():
                 await self._reload_ignore()
                 self._index = await Index.open(self.state_dir / "state.db", self._db)
+                self._guard = DeleteGuard(
+                    self.root,
+                    self.state_dir,
+                    self._index.files,
+                    self._io,
+                    GuardLimits(
+                        fraction=self.config.max_delete_fraction,
+                        max_files=self.config.max_delete_files,
+                    ),
+                )
                 try:
                     yield
                 finally:
@@ -218,6 +230,8 @@ class Engine:
                                 )
                             )
                             await nursery.start(self._listen, remote)
+                            assert self._guard is not None
+                            nursery.start_soon(self._guard.watch, self._release_held)
                             transfer = await self._start_workers(nursery, remote, ahead=True)
                             nursery.start_soon(self._housekeeping, transfer)
                             await self._mark_all()
@@ -512,6 +526,8 @@ class Engine:
                 await self._recheck(path, e, also=[prefix + name for name in e.names])
         except StillWriting:
             self.queue.defer(path, self.config.settle_seconds / 2)
+        except DeletionsHeld:
+            pass  # the guard keeps it, and hands it back when it lets go (guard.py)
         except StateError as e:
             log.error("%s: %s; trying again in %.0f s", path, e, STATE_RETRY)
             self.queue.defer(path, STATE_RETRY)
@@ -603,6 +619,8 @@ class Engine:
             else:
                 log.info("uploaded %s (%s, %d bytes)", path, why, local.stat.size)
         elif action is Action.DELETE_REMOTE:
+            assert self._guard is not None
+            await self._guard.allow(path, count=base is not None and not base.is_dir)
             below = self._live_remote_below(path)
             if below:
                 # A folder goes after its contents; what others added meanwhile stays.
@@ -637,11 +655,16 @@ class Engine:
         if path == IGNORE_FILE and await self._reload_ignore():
             await self._mark_all()
 
+    async def _release_held(self, paths: set[str]) -> None:
+        self.queue.mark_many(paths)
+
     async def _differences(self) -> list[str]:
         assert self.remote_state is not None
         live = {p: e for p, e in self.remote_state.items() if not e.deleted}
         failed = self.failed | self._scanner.rejected
         problems = [f"{path}: {message}" for path, message in sorted(failed.items())]
+        if self._guard is not None and self._guard.reason is not None:
+            problems.insert(0, f"deletions held back: {self._guard.reason}")
         for path in sorted(set(await self._scanner.walk()) | set(live)):
             try:
                 local = await self._scanner.scan(path, self.index.get(path))

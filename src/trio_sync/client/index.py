@@ -158,6 +158,10 @@ class Index:
     def paths(self) -> list[str]:
         return list(self._entries)
 
+    def files(self) -> list[str]:
+        """The synced files (no folders)."""
+        return [p for p, e in self._entries.items() if not e.is_dir]
+
     async def put(self, entry: BaseEntry) -> None:
         chunks = json.dumps([[c.hash, c.size] for c in entry.chunks])
         await self._run(

@@ -51,9 +51,10 @@ class Traffic:
 
 
 class CountingApp:
-    def __init__(self, app: ASGIFramework, traffic: Traffic) -> None:
+    def __init__(self, app: ASGIFramework, traffic: Traffic, *, log_access: bool = False) -> None:
         self._app = app
         self.traffic = traffic
+        self._log_access = log_access
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -107,7 +108,7 @@ class CountingApp:
         try:
             await self._app(scope, counted_receive, counted_send)
         finally:
-            if access.handlers:
+            if self._log_access:
                 query = scope["query_string"].decode("latin-1")
                 access.info(
                     '%s %s "%s %s%s" %d %d %.3f',

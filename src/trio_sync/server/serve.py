@@ -235,7 +235,7 @@ async def _serve(
             binds = await nursery.start(
                 partial(
                     serve_capped,
-                    CountingApp(app, traffic),
+                    CountingApp(app, traffic, log_access=config.access_log is not None),
                     hc,
                     max_connections=connection_cap(config.max_connections),
                     shutdown_trigger=shutdown_trigger,
