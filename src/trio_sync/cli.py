@@ -19,6 +19,9 @@ import trio
 
 from .client.engine import Engine
 from .client.guard import confirm
+from .client.settings import Saved
+from .client.settings import load as load_settings
+from .client.settings import save as save_settings
 from .config import ClientConfig, ServerConfig, default_client_name, default_data_dir
 from .core.tls import is_loopback, parse_fingerprint
 from .errors import (
@@ -27,9 +30,11 @@ from .errors import (
     ProtocolError,
     RemoteError,
     ServerNotTrusted,
+    ServerUnavailable,
     StoreError,
     TrioSyncError,
 )
+from .history import Where, destination, parse_when, restore, show_history
 from .memory import limit_allocator_arenas
 from .protocol.models import check_name
 from .protocol.paths import STATE_DIR_NAME
@@ -125,7 +130,12 @@ def _parser() -> argparse.ArgumentParser:
 
     client = sub.add_parser("client", help="keep a folder identical to the shared copy")
     client.add_argument("dir", type=Path, help="the folder to sync (created if missing)")
-    client.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8080")
+    client.add_argument(
+        "--server",
+        default=None,
+        help="server URL, e.g. http://127.0.0.1:8080 (remembered in DIR: later runs may omit it,"
+        " the token and the server's verification)",
+    )
     client.add_argument(
         "--token",
         default=None,
@@ -172,6 +182,26 @@ def _parser() -> argparse.ArgumentParser:
         help="hold back deletions when more than this many synced files are gone (default: 1000)",
     )
 
+    history = sub.add_parser(
+        "history", help="every kept version of a file, or what was deleted in a folder"
+    )
+    history.add_argument("path", type=Path, help="a file or folder inside a synced folder")
+    history.add_argument("--json", action="store_true", help="the server's answer as JSON")
+
+    restore = sub.add_parser(
+        "restore", help="bring back a kept version (or a folder as it was) as a new change"
+    )
+    restore.add_argument("path", type=Path, help="a file or folder inside a synced folder")
+    when = restore.add_mutually_exclusive_group(required=True)
+    when.add_argument("--rev", type=_positive_int, help="the version to bring back (see history)")
+    when.add_argument(
+        "--before",
+        help="the state at TIME: 2026-12-01T10:00 (local unless it has an offset) or an age"
+        " such as 90m, 2h, 3d; on a folder, every file below it",
+    )
+    restore.add_argument("--to", type=Path, default=None, help="restore there instead")
+    restore.add_argument("--json", action="store_true", help="the server's answer as JSON")
+
     confirm = sub.add_parser(
         "confirm-deletes", help="let a client send the deletions its mass-delete guard holds"
     )
@@ -194,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _token_command(args)
     if args.command == "confirm-deletes":
         return _confirm_deletes(args.dir.expanduser().resolve())
+    if args.command in ("history", "restore"):
+        return _history_command(args)
     token = args.token or os.environ.get("TRIO_SYNC_TOKEN") or None
     if args.command == "client" and args.token_file is not None:
         try:
@@ -217,8 +249,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             tls_key=args.tls_key.expanduser().resolve() if args.tls_key else None,
         )
         return trio.run(server_main, server_config)
+    root = args.dir.expanduser().resolve()
+    remember = args.server is not None
+    if not remember:
+        loaded = load_settings(root / STATE_DIR_NAME)
+        if loaded is None:
+            print(
+                f"trio-sync: no --server given, and none saved in {root / STATE_DIR_NAME}:"
+                " the first run needs --server URL and a token",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        saved, saved_token = loaded
+        args.server = saved.server_url
+        args.fingerprint = args.fingerprint or saved.fingerprint
+        args.ca_cert = args.ca_cert or (Path(saved.ca_cert) if saved.ca_cert else None)
+        args.allow_insecure_http = args.allow_insecure_http or saved.allow_insecure_http
+        args.name = args.name or saved.name
+        token = token or saved_token
     if not token:
-        print("trio-sync: a token is needed: --token or TRIO_SYNC_TOKEN", file=sys.stderr)
+        print(
+            "trio-sync: a token is needed: --token-file FILE (or --token, TRIO_SYNC_TOKEN)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     name = args.name or default_client_name()
     try:
@@ -231,10 +284,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trio-sync: {problem}", file=sys.stderr)
         return EXIT_USAGE
     pin = parse_fingerprint(args.fingerprint) if args.fingerprint else None
+    ca_cert = args.ca_cert.expanduser().resolve() if args.ca_cert else None
+    if remember:
+        saved = Saved(
+            args.server, name, args.fingerprint, str(ca_cert) if ca_cert else None,
+            args.allow_insecure_http,
+        )  # fmt: skip
+        try:
+            save_settings(root / STATE_DIR_NAME, saved, token)
+        except OSError as e:
+            print(f"trio-sync: cannot save the settings in {root}: {e}", file=sys.stderr)
+            return EXIT_USAGE
     config = ClientConfig(
-        root=args.dir.expanduser().resolve(),
+        root=root,
         server_url=args.server,
-        ca_cert=args.ca_cert.expanduser().resolve() if args.ca_cert else None,
+        ca_cert=ca_cert,
         fingerprint=pin,
         token=token,
         name=name,
@@ -264,6 +328,33 @@ def _server_url_problem(args: argparse.Namespace) -> str | None:
         except ValueError as e:
             return f"--fingerprint: {e}"
     return None
+
+
+def _history_command(args: argparse.Namespace) -> int:
+    try:
+        where = Where(args.path)
+        if args.command == "history":
+            return trio.run(show_history, where, args.json)
+        before = parse_when(args.before) if args.before is not None else None
+        to = destination(where, args.to) if args.to is not None else None
+        return trio.run(
+            partial(restore, where, rev=args.rev, before=before, to=to, as_json=args.json)
+        )
+    except ValueError as e:
+        print(f"trio-sync: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except AuthenticationFailed as e:
+        print(f"trio-sync: the server rejected the token: {e}", file=sys.stderr)
+        return EXIT_AUTH
+    except ServerNotTrusted as e:
+        print(f"trio-sync: {e}", file=sys.stderr)
+        return EXIT_NOT_TRUSTED
+    except ServerUnavailable as e:
+        print(f"trio-sync: cannot reach the server: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except TrioSyncError as e:
+        print(f"trio-sync: {e}", file=sys.stderr)
+        return EXIT_OUT_OF_SYNC
 
 
 def _confirm_deletes(folder: Path) -> int:

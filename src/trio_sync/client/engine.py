@@ -13,7 +13,6 @@ import logging
 import os
 import random
 import shutil
-import ssl
 import time
 import unicodedata
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -29,7 +28,6 @@ from ..core.durable import group_syncer, unlink_quietly
 from ..core.ignore import IGNORE_FILE, IgnoreRules
 from ..core.offload import Offload
 from ..core.reconcile import Action, Content, Side, decide
-from ..core.tls import client_context, pinned_context
 from ..errors import (
     ChunksMissing,
     Conflict,
@@ -56,7 +54,7 @@ from .guard import DeleteGuard, DeletionsHeld, GuardLimits
 from .index import BaseEntry, Index, StatKey, is_racy
 from .landing import Landing
 from .queue import PathQueue
-from .remote import Remote
+from .remote import Remote, connect
 from .scanner import Ignored, LocalFile, Scanner, StillWriting, Unsyncable
 from .transfer import (
     PARTIAL_DIR,
@@ -173,19 +171,7 @@ class Engine:
 
     @asynccontextmanager
     async def _remote(self) -> AsyncIterator[Remote]:
-        c = self.config
-        verify: ssl.SSLContext | bool = True
-        if c.server_url.startswith("https:"):
-            if c.fingerprint is not None:
-                try:  # verified before anything is sent: the token never meets an impostor
-                    verify = await pinned_context(c.server_url, c.fingerprint)
-                except (OSError, trio.TooSlowError) as e:
-                    raise ServerUnavailable(f"cannot reach {c.server_url}: {e!r}") from e
-            else:
-                verify = await trio.to_thread.run_sync(client_context, c.ca_cert)
-        async with Remote(
-            c.server_url, c.token, c.name, stream_idle_timeout=c.stream_idle_timeout, verify=verify
-        ) as remote:
+        async with connect(self.config) as remote:
             yield remote
 
     def _transfer(self, batches: Batches, remote: Remote, landing: Landing) -> Transfer:

@@ -11,7 +11,10 @@ from typing import Any, NoReturn, TypeVar, cast
 
 import httpcore
 import httpx
+import trio
 
+from ..config import ClientConfig
+from ..core.tls import client_context, pinned_context
 from ..errors import (
     AuthenticationFailed,
     ChunksMissing,
@@ -119,6 +122,25 @@ class Remote:
         data = _json((await self._request("GET", "/info")).content)
         if not isinstance(data, dict) or not isinstance(data.get("server_id"), str):
             raise ProtocolError("/info: no server_id")
+        return data
+
+    async def history(self, path: str) -> dict[str, Any]:
+        """`GET /history`: the kept versions of *path* newest first (`versions`), and for a
+        folder the paths below it whose last version is a deletion (`deleted_below`)."""
+        data = _json((await self._request("GET", "/history", params={"path": path})).content)
+        if not isinstance(data, dict) or not isinstance(data.get("versions"), list):
+            raise ProtocolError("/history: no list of versions")
+        return data
+
+    async def restore(
+        self, path: str, *, rev: int | None, before: float | None, to: str | None
+    ) -> dict[str, Any]:
+        """`POST /restore`: bring back version *rev* of *path*, or *path* and everything below
+        it as it was at *before* (a Unix time), as new changes (at *to* if given)."""
+        body: dict[str, Any] = {"path": path, "rev": rev, "before": before, "to": to}
+        data = _json((await self._request("POST", "/restore", json=body)).content)
+        if not isinstance(data, dict) or not isinstance(data.get("restored"), list):
+            raise ProtocolError("/restore: no list of what was restored")
         return data
 
     async def list_files(self) -> tuple[str, int, dict[str, FileEntry]]:
@@ -330,3 +352,26 @@ def _error_from(body: dict[str, Any], status: int) -> RemoteError:
             raise ProtocolError("chunks_missing: 'missing' must be a list")
         return ChunksMissing([check_hash(h) for h in listed])
     return RejectedByServer(status or 422, str(body.get("message") or error))
+
+
+@asynccontextmanager
+async def connect(config: ClientConfig) -> AsyncIterator[Remote]:
+    """A Remote for *config*'s server, verified as the config says (core/tls.py) before the
+    token is sent."""
+    verify: ssl.SSLContext | bool = True
+    if config.server_url.startswith("https:"):
+        if config.fingerprint is not None:
+            try:  # verified before anything is sent: the token never meets an impostor
+                verify = await pinned_context(config.server_url, config.fingerprint)
+            except (OSError, trio.TooSlowError) as e:
+                raise ServerUnavailable(f"cannot reach {config.server_url}: {e!r}") from e
+        else:
+            verify = await trio.to_thread.run_sync(client_context, config.ca_cert)
+    async with Remote(
+        config.server_url,
+        config.token,
+        config.name,
+        stream_idle_timeout=config.stream_idle_timeout,
+        verify=verify,
+    ) as remote:
+        yield remote

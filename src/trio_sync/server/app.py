@@ -40,11 +40,12 @@ from ..protocol.models import (
     check_hash,
     check_name,
 )
+from ..protocol.paths import check_path
 from ..protocol.sse import format_comment, format_event
 from .auth import Authenticator, Stream
 from .hub import ChangeHub, EventPages
 from .metrics import CLIENT_KEY, Traffic
-from .store import BlobStore, ChunkBatch, MetaStore
+from .store import BlobStore, ChunkBatch, Kept, MetaStore
 from .tokens import TokenInfo
 
 log = logging.getLogger("trio_sync.server")
@@ -52,6 +53,10 @@ log = logging.getLogger("trio_sync.server")
 CLIENT_HEADER = "X-Trio-Sync-Client"
 LIST_PAGE = 1000
 EVENT_PAGE = 500
+#: Versions (or deleted paths) one `GET /history` answers with at most.
+HISTORY_LIMIT = 10_000
+#: Paths one `POST /restore` brings back at most.
+MAX_RESTORE = 100_000
 #: Streamed frames are gathered into writes of about this many bytes.
 WRITE_SIZE = 256 * 1024
 #: Chunks read from the store in one hand-off to a thread, at most (and at most WRITE_SIZE).
@@ -123,6 +128,34 @@ def _client_name() -> str:
     if raw is None:
         return "unknown"
     return check_name(raw)
+
+
+def _path_arg(raw: object) -> str:
+    """A path argument: a wire path, or "" for the whole tree."""
+    if raw == "":
+        return ""
+    if not isinstance(raw, str):
+        raise ProtocolError("'path' must be a string")
+    return check_path(raw)
+
+
+def _limit_arg() -> int:
+    raw = request.args.get("limit", str(HISTORY_LIMIT))
+    if not (raw.isascii() and raw.isdigit()) or not 0 < int(raw) <= HISTORY_LIMIT:
+        raise ProtocolError(f"limit must be 1 to {HISTORY_LIMIT}")
+    return int(raw)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_INT
+
+
+def _kept(kept: Kept) -> dict[str, Any]:
+    return {**kept.entry.to_json(), "committed_at": kept.committed_at}
+
+
+def _same(a: FileEntry, b: FileEntry) -> bool:
+    return (a.kind, a.hash, a.executable) == (b.kind, b.hash, b.executable)
 
 
 def _cursor() -> int | None:
@@ -494,6 +527,69 @@ def create_app(
         if not isinstance(raw, list) or not 0 < len(raw) <= MAX_COMMITS:
             raise ProtocolError(f"'commits' must be a list of 1 to {MAX_COMMITS} commits")
         return _json({"results": await commit_all([CommitRequest.from_json(c) for c in raw])})
+
+    @app.get("/history")
+    async def history() -> Response:
+        path = _path_arg(request.args.get("path", ""))
+        limit = _limit_arg()
+        versions = await meta.history(path, limit) if path else []
+        current = versions[0].entry if versions else None
+        body: dict[str, Any] = {"path": path, "versions": [_kept(k) for k in versions]}
+        if current is None or current.kind == DIR:  # a folder: what was deleted below it
+            body["deleted_below"] = [_kept(k) for k in await meta.deleted_below(path, limit)]
+        return _json(body)
+
+    @app.post("/restore")
+    async def restore() -> Response:
+        body = await _json_body()
+        if not isinstance(body, dict):
+            raise ProtocolError("a restore is a JSON object")
+        path = _path_arg(body.get("path", ""))
+        to = _path_arg(body["to"]) if body.get("to") is not None else path
+        rev, before = body.get("rev"), body.get("before")
+        if (rev is None) == (before is None):
+            raise ProtocolError("give one of 'rev' and 'before'")
+        if rev is not None:
+            if not path or not _is_int(rev):
+                raise ProtocolError("'rev' needs a path and a revision number")
+            old = [k.entry for k in await meta.history(path, MAX_RESTORE) if k.entry.rev == rev]
+            if not old:
+                return _error(404, "no_such_version", f"{path} has no kept version {rev}")
+            if old[0].deleted:
+                return _error(422, "deleted", f"version {rev} of {path} is a deletion")
+        else:
+            if not isinstance(before, int | float) or isinstance(before, bool):
+                raise ProtocolError("'before' must be a Unix time")
+            old = await meta.as_of(path, float(before), MAX_RESTORE)
+        requests, unchanged = [], 0
+        for entry in old:
+            if to == path:
+                target = entry.path
+            elif path:
+                target = to + entry.path[len(path) :]
+            else:
+                target = f"{to}/{entry.path}" if to else entry.path
+            check_path(target)
+            now = await meta.current(target)
+            if now is not None and not now.deleted and _same(now, entry):
+                unchanged += 1
+                continue
+            requests.append(
+                CommitRequest(
+                    target, now.rev if now is not None else 0, kind=entry.kind,
+                    hash=entry.hash, size=entry.size, chunks=entry.chunks,
+                    executable=entry.executable, mtime_ns=entry.mtime_ns,
+                )
+            )  # fmt: skip
+        results: list[dict[str, Any]] = []
+        for i in range(0, len(requests), MAX_COMMITS):
+            results += await commit_all(requests[i : i + MAX_COMMITS])
+        restored = [r["entry"] for r in results if "entry" in r]
+        failed = [r for r in results if "entry" not in r]
+        log.info(
+            "%s restored %d paths at %s (%d failed)", _client_name(), len(restored), to, len(failed)
+        )
+        return _json({"restored": restored, "unchanged": unchanged, "failed": failed})
 
     @app.get("/sync")
     async def sync() -> Response:

@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -77,11 +78,33 @@ class MetaStore(Protocol):
         """Forget versions replaced before this time (never a path's current version)."""
         ...
 
+    async def history(self, path: str, limit: int) -> list[Kept]:
+        """The kept versions of *path*, newest first."""
+        ...
+
+    async def deleted_below(self, folder: str, limit: int) -> list[Kept]:
+        """Paths below *folder* ("" for all) whose current version is a deletion, newest
+        first."""
+        ...
+
+    async def as_of(self, path: str, when: float, limit: int) -> list[FileEntry]:
+        """The live versions that were current at *when* (a Unix time) at *path* and below
+        it ("" for all), by path."""
+        ...
+
     async def referenced(self, hashes: list[str]) -> set[str]:
         """Which of these chunks some remaining version still uses."""
         ...
 
     async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """A version as history shows it: the entry and when it was committed (Unix time)."""
+
+    entry: FileEntry
+    committed_at: float
 
 
 class ChunkBatch(Protocol):
@@ -157,6 +180,18 @@ _COLUMNS = (
 _CHUNKS_COLUMN = 6
 #: A page of listings or events stops after about this many bytes of chunk lists.
 PAGE_BYTES = 8 * 1024 * 1024
+
+
+def _at_or_below(column: str, folder: str) -> tuple[str, tuple[str, ...]]:
+    """An SQL condition for *column* naming *folder* or a path below it ("" for every path)."""
+    if not folder:
+        return "1", ()
+    # Paths below "a/b" sort between "a/b/" and "a/b0" ("0" follows "/" in code points).
+    return f"({column} = ? OR ({column} >= ? AND {column} < ?))", (
+        folder,
+        folder + "/",
+        folder + "0",
+    )
 
 
 def _entry(row: tuple[Any, ...]) -> FileEntry:
@@ -393,6 +428,38 @@ class SQLiteMetaStore:
         )
         result: list[FileEntry] = await self._run(self._page, sql, (after_path, limit), max_bytes)
         return result
+
+    def _kept(self, sql: str, params: tuple[Any, ...]) -> list[Kept]:
+        rows = self._conn.execute(sql, params).fetchall()
+        return [Kept(_entry(row[:-1]), row[-1]) for row in rows]
+
+    async def history(self, path: str, limit: int) -> list[Kept]:
+        sql = (
+            f"SELECT {_COLUMNS}, v.committed_at FROM versions v WHERE v.path = ?"
+            " ORDER BY v.rev DESC LIMIT ?"
+        )
+        result: list[Kept] = await self._run(self._kept, sql, (path, limit))
+        return result
+
+    async def deleted_below(self, folder: str, limit: int) -> list[Kept]:
+        where, params = _at_or_below("c.path", folder)
+        sql = (
+            f"SELECT {_COLUMNS}, v.committed_at FROM current c JOIN versions v ON v.rev = c.rev"
+            f" WHERE {where} AND c.path != ? AND v.deleted = 1 ORDER BY v.rev DESC LIMIT ?"
+        )
+        result: list[Kept] = await self._run(self._kept, sql, (*params, folder, limit))
+        return result
+
+    async def as_of(self, path: str, when: float, limit: int) -> list[FileEntry]:
+        where, params = _at_or_below("path", path)
+        sql = (
+            f"SELECT {_COLUMNS} FROM versions v JOIN ("
+            f"  SELECT path, MAX(rev) AS rev FROM versions WHERE committed_at <= ? AND {where}"
+            "   GROUP BY path"
+            ") m ON v.rev = m.rev WHERE v.deleted = 0 ORDER BY v.path LIMIT ?"
+        )
+        rows = await self._run(lambda: self._conn.execute(sql, (when, *params, limit)).fetchall())
+        return [_entry(row) for row in rows]
 
     def _prune(self, before: float) -> int:
         conn = self._conn

@@ -1,0 +1,148 @@
+"""See and undo: saved settings, `trio-sync history`, `trio-sync restore`, through the installed
+CLI against a real server, with real clients receiving what a restore brings back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from trio_sync.client.settings import SETTINGS_FILE, TOKEN_FILE
+from trio_sync.history import parse_when
+from trio_sync.protocol.paths import STATE_DIR_NAME
+
+from .conftest import TOKEN, ServerHandle, eventually, in_sync, tree
+
+Start = Callable[..., Any]
+
+
+async def cli(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    done = await trio.run_process(
+        [sys.executable, "-m", "trio_sync", *map(str, args)],
+        capture_stdout=True, capture_stderr=True, check=False,
+    )  # fmt: skip
+    if check:
+        assert done.returncode == 0, (done.stdout + done.stderr).decode()
+    return done
+
+
+async def first_run(folder: Path, server: ServerHandle, tmp_path: Path) -> None:
+    """What a user does once: `trio-sync client DIR --server URL --token-file FILE`."""
+    token = tmp_path / "token-file"
+    token.write_text(TOKEN)
+    await cli("client", folder, "--server", server.url, "--token-file", token, "--name",
+              folder.name, "--once")  # fmt: skip
+
+
+async def test_the_first_run_is_remembered_and_the_token_kept_private(
+    server: ServerHandle, tmp_path: Path
+) -> None:
+    a = tmp_path / "a"
+    await first_run(a, server, tmp_path)
+    state = a / STATE_DIR_NAME
+    assert (state / TOKEN_FILE).stat().st_mode & 0o777 == 0o600
+    assert TOKEN not in (state / SETTINGS_FILE).read_text()
+    (a / "later.txt").write_text("sent by a run with no options")
+    done = await cli("client", a, "--once")  # the server, the token, the name: all saved
+    assert TOKEN not in (done.stdout + done.stderr).decode()
+    b = tmp_path / "b"
+    await first_run(b, server, tmp_path)
+    assert (b / "later.txt").read_text() == "sent by a run with no options"
+    none = await cli("client", tmp_path / "never-synced", "--once", check=False)
+    assert none.returncode == 2
+    assert b"no --server given" in none.stderr
+
+
+async def test_history_shows_each_version_and_restore_brings_one_back(
+    start_client: Start, server: ServerHandle, tmp_path: Path
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    await first_run(a, server, tmp_path)
+    await start_client("a")
+    await start_client("b")
+    note = a / "notes" / "plan.txt"
+    note.parent.mkdir()
+    for text in ("first draft", "second draft"):
+        note.write_text(text)
+        await eventually(lambda t=text: (b / "notes/plan.txt").exists()  # type: ignore[misc]
+                         and (b / "notes/plan.txt").read_text() == t)  # fmt: skip
+    note.unlink()
+    await eventually(lambda: not (b / "notes/plan.txt").exists())
+
+    shown = json.loads((await cli("history", note, "--json")).stdout)
+    versions = shown["versions"]
+    assert [v.get("deleted", False) for v in versions] == [True, False, False]
+    assert versions[-1]["origin"] == "a"
+    listing = (await cli("history", note)).stdout.decode()
+    for what in ("deleted", "changed", "created"):
+        assert what in listing
+    folder = (await cli("history", a / "notes")).stdout.decode()
+    assert "notes/plan.txt" in folder  # a folder's history names what was deleted below it
+
+    first = versions[-1]["rev"]
+    await cli("restore", note, "--rev", str(first))
+    await eventually(lambda: (b / "notes/plan.txt").exists())
+    assert (b / "notes/plan.txt").read_text() == "first draft"
+    await in_sync(a, b)
+    await cli("restore", note, "--rev", str(versions[-2]["rev"]), "--to", a / "notes/second.txt")
+    await eventually(lambda: (b / "notes/second.txt").exists())
+    assert (b / "notes/second.txt").read_text() == "second draft"
+    gone = await cli("restore", note, "--rev", str(versions[0]["rev"]), check=False)
+    assert gone.returncode != 0  # a deletion is not a version to bring back
+
+
+async def test_a_mass_delete_is_undone_in_one_command(
+    start_client: Start, server: ServerHandle, tmp_path: Path
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    for i in range(2000):
+        path = a / f"d{i // 100:02d}" / f"f{i:04d}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"file {i}")
+    await first_run(a, server, tmp_path)
+    await start_client("a", max_delete_fraction=1.0, max_delete_files=10**6)
+    await start_client("b")
+    await in_sync(a, b, timeout=60)
+    before = tree(b)
+    assert len(before) == 2000
+    await trio.sleep(1.1)  # versions are timed to the second in what a user types
+    moment = time.strftime("%Y-%m-%dT%H:%M:%S")
+    await trio.sleep(1.1)
+    for folder in a.iterdir():
+        if folder.name != STATE_DIR_NAME:
+            for path in folder.iterdir():
+                path.unlink()
+    await eventually(lambda: len(tree(b)) == 0, timeout=60)
+    done = await cli("restore", a, "--before", moment)
+    assert b"2000 restored" in done.stdout
+    await eventually(lambda: len(tree(a)) == len(tree(b)) == 2000, timeout=60)
+    await in_sync(a, b, timeout=60)
+    assert tree(b) == before
+    assert tree(a) == before
+
+
+def test_times_are_iso_8601_local_or_with_an_offset_or_ages() -> None:
+    now = 1_800_000_000.0
+    assert parse_when("90m", now) == now - 5400
+    assert parse_when("2h", now) == now - 7200
+    assert parse_when("3d", now) == now - 3 * 86400
+    utc = 1796119200.0  # 2026-12-01 10:00 UTC
+    assert parse_when("2026-12-01T10:00:00+00:00") == utc
+    assert parse_when("2026-12-01T10:00+01:00") == utc - 3600
+    local = time.mktime((2026, 12, 1, 10, 0, 0, 0, 0, -1))
+    assert parse_when("2026-12-01T10:00") == local
+    with pytest.raises(ValueError, match="not a time"):
+        parse_when("yesterday")
+
+
+async def test_a_path_outside_any_synced_folder_is_a_clear_error(tmp_path: Path) -> None:
+    done = await cli("history", tmp_path / "nothing", check=False)
+    assert done.returncode == 2
+    assert b"not inside a synced folder" in done.stderr
