@@ -33,6 +33,11 @@ async def cli(*args: str | Path, check: bool = True) -> subprocess.CompletedProc
     return done
 
 
+async def history(path: Path) -> dict[str, Any]:
+    answer: dict[str, Any] = json.loads((await cli("history", path, "--json")).stdout)
+    return answer
+
+
 async def first_run(folder: Path, server: ServerHandle, tmp_path: Path) -> None:
     """What a user does once: `trio-sync client DIR --server URL --token-file FILE`."""
     token = tmp_path / "token-file"
@@ -146,3 +151,70 @@ async def test_a_path_outside_any_synced_folder_is_a_clear_error(tmp_path: Path)
     done = await cli("history", tmp_path / "nothing", check=False)
     assert done.returncode == 2
     assert b"not inside a synced folder" in done.stderr
+
+
+async def test_version_and_help_say_what_trio_sync_is() -> None:
+    version = (await cli("--version")).stdout.decode()
+    assert version.startswith("trio-sync ")
+    assert version.split()[1][0].isdigit()
+    helptext = (await cli("--help")).stdout.decode()
+    assert "Keep folders on several machines identical" in helptext
+    for command in ("server", "token", "client", "history", "restore", "status", "conflicts",
+                    "confirm-deletes"):  # fmt: skip
+        assert f"    {command}" in helptext
+
+
+async def test_status_asks_the_running_client_and_says_what_holds_it(
+    start_client: Start, server: ServerHandle, tmp_path: Path
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    for i in range(30):
+        (a / "docs").mkdir(parents=True, exist_ok=True)
+        (a / "docs" / f"f{i:02d}.txt").write_text(f"file {i}")
+    await first_run(a, server, tmp_path)
+    client = await start_client("a")
+    await start_client("b")
+    await in_sync(a, b)
+    report = json.loads((await cli("status", a, "--json")).stdout)
+    assert report["running"] is True
+    assert report["connected"] is True
+    assert report["in_sync"] is True
+    assert "in sync" in (await cli("status", a / "docs")).stdout.decode()  # from inside DIR
+    for i in range(20):
+        (a / "docs" / f"f{i:02d}.txt").unlink()
+    await eventually(lambda: (a / STATE_DIR_NAME / "held-deletes.json").exists())
+    held = await cli("status", a, check=False)
+    assert held.returncode == 1
+    assert b"DELETIONS HELD BACK" in held.stdout
+    await client.stop()
+    stopped = await cli("status", a, check=False)
+    assert stopped.returncode == 1
+    assert b"no client is running" in stopped.stdout
+    assert b"DELETIONS HELD BACK" in stopped.stdout  # what the client recorded
+
+
+async def test_conflicts_lists_each_copy_with_its_original_and_client(
+    start_client: Start, server: ServerHandle, tmp_path: Path
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    (a / "plan.txt").parent.mkdir(parents=True)
+    (a / "plan.txt").write_text("shared")
+    await first_run(b, server, tmp_path)
+    await start_client("a")
+    client_b = await start_client("b")
+    await in_sync(a, b)
+    await client_b.stop()
+    (a / "plan.txt").write_text("a's edit")
+    (b / "plan.txt").write_text("b's edit, made offline")
+    with trio.fail_after(15):  # a's edit reaches the server first
+        while len((await history(b / "plan.txt"))["versions"]) < 2:  # noqa: ASYNC110
+            await trio.sleep(0.1)
+    await start_client("b")
+    await in_sync(a, b)
+    found = json.loads((await cli("conflicts", b, "--json", check=False)).stdout)
+    assert len(found) == 1
+    assert found[0]["original"] == "plan.txt"
+    assert found[0]["client"] == "b"
+    listed = await cli("conflicts", b, check=False)
+    assert listed.returncode == 1
+    assert b"a copy of plan.txt" in listed.stdout

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import json
 import logging
 import os
 import signal
@@ -13,13 +15,15 @@ import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import trio
 
+from .client import status
 from .client.engine import Engine
 from .client.guard import confirm
-from .client.settings import Saved
+from .client.settings import Saved, synced_folder_of
 from .client.settings import load as load_settings
 from .client.settings import save as save_settings
 from .config import ClientConfig, ServerConfig, default_client_name, default_data_dir
@@ -79,9 +83,16 @@ def _positive_int(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trio-sync", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="trio-sync",
+        description="Keep folders on several machines identical through one server that keeps"
+        " their history.",
+        epilog="Start with `trio-sync server`, then `trio-sync client DIR --server URL"
+        " --token-file FILE` on each machine. `trio-sync COMMAND --help` says more.",
+    )
+    parser.add_argument("--version", action="version", version=f"trio-sync {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     server = sub.add_parser("server", help="keep the shared copy and serve clients")
     server.add_argument(
@@ -202,6 +213,16 @@ def _parser() -> argparse.ArgumentParser:
     restore.add_argument("--to", type=Path, default=None, help="restore there instead")
     restore.add_argument("--json", action="store_true", help="the server's answer as JSON")
 
+    status_ = sub.add_parser(
+        "status", help="is a folder in sync? what waits, what failed, what is held back"
+    )
+    status_.add_argument("dir", type=Path, nargs="?", default=Path(), help="(default: here)")
+    status_.add_argument("--json", action="store_true", help="as JSON")
+
+    conflicts_ = sub.add_parser("conflicts", help="the conflict copies in a synced folder")
+    conflicts_.add_argument("dir", type=Path, nargs="?", default=Path(), help="(default: here)")
+    conflicts_.add_argument("--json", action="store_true", help="as JSON")
+
     confirm = sub.add_parser(
         "confirm-deletes", help="let a client send the deletions its mass-delete guard holds"
     )
@@ -226,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _confirm_deletes(args.dir.expanduser().resolve())
     if args.command in ("history", "restore"):
         return _history_command(args)
+    if args.command in ("status", "conflicts"):
+        return _status_command(args)
     token = args.token or os.environ.get("TRIO_SYNC_TOKEN") or None
     if args.command == "client" and args.token_file is not None:
         try:
@@ -355,6 +378,72 @@ def _history_command(args: argparse.Namespace) -> int:
     except TrioSyncError as e:
         print(f"trio-sync: {e}", file=sys.stderr)
         return EXIT_OUT_OF_SYNC
+
+
+def _status_command(args: argparse.Namespace) -> int:
+    folder = synced_folder_of(args.dir.expanduser().absolute())
+    if folder is None:
+        print(f"trio-sync: {args.dir} is not inside a synced folder", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "conflicts":
+        found = status.conflicts(folder)
+        if args.json:
+            print(json.dumps(found, indent=1))
+        for c in [] if args.json else found:
+            print(c["path"])
+            print(f"    a copy of {c['original']}, set aside {c['when']} by {c['client']}")
+        if not found and not args.json:
+            print(f"no conflict copies in {folder}")
+        return EXIT_OK if not found else EXIT_OUT_OF_SYNC
+    report = status.ask(folder) or status.on_disk(folder)
+    report["conflicts"] = len(status.conflicts(folder))
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(_describe(folder, report))
+    return EXIT_OK if report.get("in_sync") else EXIT_OUT_OF_SYNC
+
+
+def _describe(folder: Path, r: dict[str, Any]) -> str:
+    lines = [f"{folder}"]
+    if not r.get("running"):
+        lines.append(
+            f"  no client is running here (server: {r.get('server')}); start one with"
+            f" `trio-sync client {folder}`"
+        )
+    elif r.get("connected"):
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["connected_since"]))
+        lines.append(f"  connected to {r.get('server')} as {r.get('name')} since {since}")
+    else:
+        lines.append(f"  running, but not connected to {r.get('server')}: {r.get('last_error')}")
+    if r.get("in_sync"):
+        lines.append("  in sync")
+    elif r.get("running"):
+        lines.append(f"  {r.get('waiting', 0)} paths waiting, {r.get('moving_count', 0)} moving")
+        for path in r.get("moving") or []:
+            lines.append(f"    moving: {path}")
+    held = r.get("held_deletes")
+    if held:
+        lines.append(
+            f"  DELETIONS HELD BACK: {held.get('reason')}. If you meant them:"
+            f" `trio-sync confirm-deletes {folder}`; if not, put the files back."
+        )
+    for path, why in sorted((r.get("failed") or {}).items()):
+        lines.append(f"  failed: {path}: {why}")
+    for path, why in sorted((r.get("skipped") or {}).items()):
+        lines.append(f"  skipped: {path}: {why}")
+    if r.get("conflicts"):
+        lines.append(f"  {r['conflicts']} conflict copies: `trio-sync conflicts {folder}`")
+    if r.get("last_error") and r.get("connected"):
+        lines.append(f"  last error: {r['last_error']}")
+    return "\n".join(lines)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("trio-sync")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _confirm_deletes(folder: Path) -> int:

@@ -19,12 +19,12 @@ from ..protocol.paths import MAX_COMPONENT_BYTES
 
 #: A tag this module wrote. The client's part never holds a "." (see `_tag`), so a tag ends at
 #: the next "." (the extension) or at the end of the name.
-_TAG = re.compile(r"\.sync-conflict-\d{8}-\d{6}-[^./]+")
+CONFLICT_TAG = re.compile(r"\.sync-conflict-\d{8}-\d{6}-[^./]+")
 
 
 def original_name(name: str) -> str:
     """*name* without any conflict tag: `f.sync-conflict-…-a.sync-conflict-…-b.txt` → `f.txt`."""
-    stripped = _TAG.sub("", name)
+    stripped = CONFLICT_TAG.sub("", name)
     return stripped or name
 
 

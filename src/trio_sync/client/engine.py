@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -47,6 +48,7 @@ from ..errors import (
 from ..protocol.models import CHUNKER, DIR, FileEntry, Incoming, is_valid_name
 from ..protocol.paths import STATE_DIR_NAME, is_valid_path
 from ..protocol.sse import ServerSentEvent
+from . import status
 from .batching import Batches, ByteBudget
 from .conflicts import normalize_name
 from .early import EarlySend
@@ -105,6 +107,8 @@ class Engine:
         self._db = Offload(1)
         self._index: Index | None = None
         self._guard: DeleteGuard | None = None
+        self._connected_since: float | None = None
+        self._last_error: str | None = None
         self._scanner = Scanner(self.root, self._io)
         #: Where the event listener hands announced uploads to be fetched ahead (live mode).
         self._ahead: trio.MemorySendChannel[Incoming] | None = None
@@ -200,11 +204,13 @@ class Engine:
         """
         ready: Callable[[], None] = task_status.started
         attempt = 0
-        async with self._opened():
+        async with self._opened(), single_error(), trio.open_nursery() as outer:
+            await outer.start(status.serve, self.state_dir / status.SOCKET_NAME, self.status)
             while True:
                 try:
                     async with self._remote() as remote, single_error():
                         await self._connect(remote)
+                        self._connected_since = time.time()
                         async with trio.open_nursery() as nursery:
                             await nursery.start(
                                 partial(
@@ -231,6 +237,8 @@ class Engine:
                     cap = min(self.config.backoff_max, self.config.backoff_initial * 2**attempt)
                     delay = cap / 2 + random.uniform(0, cap / 2)
                     attempt += 1
+                    self._connected_since = None
+                    self._last_error = f"lost the server: {e}"
                     log.warning("lost the server (%s); retrying in %.1f s", e, delay)
                     await trio.sleep(delay)
 
@@ -531,6 +539,7 @@ class Engine:
         except (OSError, InvalidPath, ProtocolError, RejectedByServer) as e:
             log.error("%s: %s", path, e)
             self.failed[path] = str(e)
+            self._last_error = f"{path}: {e}"
 
     async def _recheck(self, path: str, error: Exception, also: Iterable[str] = ()) -> None:
         """Look at *path* again shortly (after *also*); give up for now after MAX_RECHECKS."""
@@ -640,6 +649,35 @@ class Engine:
             log.info("downloaded %s (the server's version)", path)
         if path == IGNORE_FILE and await self._reload_ignore():
             await self._mark_all()
+
+    def status(self) -> dict[str, Any]:
+        """What `trio-sync status` shows (client/status.py)."""
+        pending, busy, deferred = self.queue.counts()
+        guard = self._guard
+        held = (
+            {"reason": guard.reason, "paths": len(guard.held), "examples": sorted(guard.held)[:5]}
+            if guard is not None and guard.reason is not None
+            else None
+        )
+        connected = self._connected_since is not None
+        return {
+            "running": True,
+            "pid": os.getpid(),
+            "folder": str(self.root),
+            "server": self.config.server_url,
+            "name": self.name,
+            "connected": connected,
+            "connected_since": self._connected_since,
+            "in_sync": connected and self.queue.idle and not self.failed and held is None,
+            "waiting": pending + deferred,
+            "moving": sorted(self.queue.busy)[:20],
+            "moving_count": busy,
+            "failed": dict(self.failed),
+            "skipped": dict(self._scanner.rejected)
+            | dict.fromkeys(self._warned, "symlink or special file"),
+            "held_deletes": held,
+            "last_error": self._last_error,
+        }
 
     async def _release_held(self, paths: set[str]) -> None:
         self.queue.mark_many(paths)

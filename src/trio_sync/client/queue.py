@@ -66,6 +66,10 @@ class PathQueue:
             self._pending[path] = None
         self._wake()
 
+    def counts(self) -> tuple[int, int, int]:
+        """Paths waiting for a worker, held by one, and deferred to later."""
+        return len(self._pending), len(self._busy), len(self._deferred)
+
     @property
     def busy(self) -> frozenset[str]:
         """The paths workers hold now."""
