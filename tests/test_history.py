@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import trio
 
-from trio_sync.client.settings import SETTINGS_FILE, TOKEN_FILE
+from trio_sync.client.settings import SETTINGS_FILE, TOKEN_FILE, Saved, save
 from trio_sync.history import parse_when
 from trio_sync.protocol.paths import STATE_DIR_NAME
 
@@ -218,3 +218,29 @@ async def test_conflicts_lists_each_copy_with_its_original_and_client(
     listed = await cli("conflicts", b, check=False)
     assert listed.returncode == 1
     assert b"a copy of plan.txt" in listed.stdout
+    await cli("conflicts", b, "--resolve", found[0]["path"], "--keep", "mine")
+    await eventually(lambda: (a / "plan.txt").read_text() == "b's edit, made offline")
+    await in_sync(a, b)
+    assert sorted(tree(a)) == ["plan.txt"]
+
+
+async def test_a_conflict_resolved_as_both_or_theirs(tmp_path: Path) -> None:
+    folder = tmp_path / "f"
+    (folder / STATE_DIR_NAME).mkdir(parents=True)
+    save(folder / STATE_DIR_NAME, Saved("http://127.0.0.1:9", "me"), TOKEN)
+    (folder / "a.txt").write_text("theirs")
+    (folder / "a.sync-conflict-20261202-101500-laptop.txt").write_text("mine")
+    (folder / "b.sync-conflict-20261202-101500-laptop.txt").write_text("mine too")
+    (folder / "b.txt").write_text("theirs too")
+    await cli("conflicts", folder, "--resolve", "a.sync-conflict-20261202-101500-laptop.txt",
+              "--keep", "both")  # fmt: skip
+    await cli("conflicts", folder, "--resolve", "b.sync-conflict-20261202-101500-laptop.txt",
+              "--keep", "theirs")  # fmt: skip
+    assert tree(folder) == {
+        "a.txt": b"theirs",
+        "a (from laptop).txt": b"mine",
+        "b.txt": b"theirs too",
+    }
+    wrong = await cli("conflicts", folder, "--resolve", "a.txt", "--keep", "mine", check=False)
+    assert wrong.returncode == 2
+    assert b"not a conflict copy" in wrong.stderr

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import trio
 
 from .client import status
+from .client.conflicts import resolve as resolve_conflict
 from .client.engine import Engine
 from .client.guard import confirm
 from .client.settings import Saved, synced_folder_of
@@ -222,6 +223,15 @@ def _parser() -> argparse.ArgumentParser:
     conflicts_ = sub.add_parser("conflicts", help="the conflict copies in a synced folder")
     conflicts_.add_argument("dir", type=Path, nargs="?", default=Path(), help="(default: here)")
     conflicts_.add_argument("--json", action="store_true", help="as JSON")
+    conflicts_.add_argument(
+        "--resolve", metavar="PATH", type=Path, default=None, help="settle this conflict copy"
+    )
+    conflicts_.add_argument(
+        "--keep",
+        choices=("mine", "theirs", "both"),
+        help="with --resolve: mine puts the copy in place of the original, theirs deletes the"
+        " copy, both gives the copy a plain name beside the original",
+    )
 
     confirm = sub.add_parser(
         "confirm-deletes", help="let a client send the deletions its mass-delete guard holds"
@@ -385,6 +395,20 @@ def _status_command(args: argparse.Namespace) -> int:
     if folder is None:
         print(f"trio-sync: {args.dir} is not inside a synced folder", file=sys.stderr)
         return EXIT_USAGE
+    if args.command == "conflicts" and args.resolve is not None:
+        if args.keep is None:
+            print("trio-sync: --resolve needs --keep mine|theirs|both", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            given = args.resolve.expanduser()
+            if not given.is_absolute() and not given.exists():
+                given = folder / given  # a path relative to DIR
+            copy = given.absolute().relative_to(folder).as_posix()
+            print(resolve_conflict(folder, copy, args.keep))
+        except (ValueError, OSError) as e:
+            print(f"trio-sync: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        return EXIT_OK
     if args.command == "conflicts":
         found = status.conflicts(folder)
         if args.json:

@@ -102,3 +102,45 @@ def _renamed_aside(root: Path, rel: str, target: str, client: str) -> str:
     if unicodedata.normalize("NFC", folder) != folder:
         raise OSError(f"{rel!r}: its folder needs its NFC name first")
     return move_aside(root / rel, target, client)
+
+
+def resolve(root: Path, copy: str, keep: str) -> str:
+    """Settle conflict copy *copy* (a wire path) in synced folder *root*: *keep* "mine" puts the
+    copy's content in place of the original (one rename over it), "theirs" deletes the copy,
+    "both" gives the copy a plain name beside the original (`report (from laptop).txt`). The
+    running client sends the result like any local change. Returns what was done. Blocking."""
+    folder, _, name = copy.rpartition("/")
+    match = CONFLICT_TAG.search(name)
+    if match is None:
+        raise ValueError(f"{copy} is not a conflict copy")
+    source = root / copy
+    if not os.path.lexists(source):
+        raise ValueError(f"{copy} does not exist")
+    original = original_name(name)
+    where = f"{folder}/" if folder else ""
+    if keep == "theirs":
+        if source.is_dir() and not source.is_symlink():
+            raise ValueError(f"{copy} is a folder: look inside and delete it yourself")
+        source.unlink()
+        return f"deleted {copy}; {where}{original} stays as it is"
+    if keep == "mine":
+        os.replace(source, root / folder / original)
+        return f"{where}{original} now holds what {copy} held"
+    if keep == "both":
+        client = match[0].removeprefix(".sync-conflict-").split("-", 2)[2]
+        stem, dot, ext = original.rpartition(".")
+        base = (
+            f"{stem} (from {client}){dot}{ext}" if dot and stem else f"{original} (from {client})"
+        )
+        n, candidate = 1, base
+        while True:
+            try:
+                rename_noreplace(source, root / folder / candidate)
+            except FileExistsError:
+                n += 1
+                candidate = base.replace(f"(from {client})", f"(from {client} {n})")
+                continue
+            except RenameUnsupported:
+                os.rename(source, root / folder / candidate)
+            return f"kept both: {where}{candidate} beside {where}{original}"
+    raise ValueError(f"--keep must be mine, theirs or both, not {keep!r}")
