@@ -295,3 +295,37 @@ async def test_uploaded_chunks_are_not_kept_in_memory(server: ServerHandle) -> N
         tracemalloc.stop()
         gc.enable()
     assert peak < 6 * MAX_CHUNK_SIZE  # a few chunks in flight, not all sixteen
+
+
+async def test_metrics_are_prometheus_text_behind_the_bearer_token(server: ServerHandle) -> None:
+    async with http(server) as client:
+        assert (await client.get("/metrics")).status_code == 401
+        headers = {**AUTH, "X-Trio-Sync-Client": "watcher"}
+        async with (
+            aconnect_sse(client, "GET", "/sync", headers=headers) as source,
+            aclosing(source.aiter_sse()) as events,
+        ):
+            async for event in events:
+                if event.event == "hello":
+                    made = await client.post(
+                        "/commit",
+                        json={"path": "d", "base_rev": 0, "kind": "dir"},
+                        headers=AUTH,
+                    )
+                    assert made.status_code == 200
+                elif event.event == "change":  # the stream still open: one client
+                    stale = {"path": "d", "base_rev": 999, "kind": "dir", "deleted": True}
+                    refused = await client.post("/commit", json=stale, headers=AUTH)
+                    assert refused.status_code == 409
+                    answer = await client.get("/metrics", headers=AUTH)
+                    break
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/plain")
+    text = answer.text
+    assert "trio_sync_commits_total 1.0" in text
+    assert 'trio_sync_conflicts_total{reason="stale"} 1.0' in text
+    assert "trio_sync_clients_connected 1.0" in text
+    assert "trio_sync_commit_to_event_seconds_count 1.0" in text
+    assert 'trio_sync_requests_total{route="POST /commit"} 2.0' in text
+    assert "trio_sync_received_bytes_total" in text
+    assert TOKEN not in text

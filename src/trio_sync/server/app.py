@@ -45,6 +45,8 @@ from ..protocol.sse import format_comment, format_event
 from .auth import Authenticator, Stream
 from .hub import ChangeHub, EventPages
 from .metrics import CLIENT_KEY, Traffic
+from .prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
+from .prometheus import ServerMetrics
 from .store import BlobStore, ChunkBatch, Kept, MetaStore
 from .tokens import TokenInfo
 
@@ -188,6 +190,7 @@ def create_app(
     # garbage collector, which takes the same lock (see server/gc.py).
     lock = commit_lock if commit_lock is not None else trio.Lock()
     pages = EventPages(lambda rev: meta.changes_since(rev, EVENT_PAGE))
+    prometheus = ServerMetrics(traffic, hub)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.config["BODY_TIMEOUT"] = 120
     app.config["BODY_GRACE"] = body_grace
@@ -488,6 +491,7 @@ def create_app(
         latest = 0
         for i, outcome in zip(ready, outcomes, strict=True):
             if isinstance(outcome, Conflict):
+                prometheus.conflicts.labels(outcome.reason).inc()
                 current = outcome.current.to_json() if outcome.current else None
                 result: dict[str, Any] = {
                     "error": "conflict",
@@ -503,6 +507,7 @@ def create_app(
             else:
                 entry, created = outcome
                 if created:
+                    prometheus.commits.inc()
                     latest = max(latest, entry.rev)
                     log.info("rev %d: %s (%s) from %s", entry.rev, entry.path, _what(entry), origin)
                 results[i] = {"entry": entry.to_json()}
@@ -527,6 +532,10 @@ def create_app(
         if not isinstance(raw, list) or not 0 < len(raw) <= MAX_COMMITS:
             raise ProtocolError(f"'commits' must be a list of 1 to {MAX_COMMITS} commits")
         return _json({"results": await commit_all([CommitRequest.from_json(c) for c in raw])})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(prometheus.render(), content_type=PROMETHEUS_CONTENT_TYPE)
 
     @app.get("/history")
     async def history() -> Response:
@@ -613,6 +622,7 @@ def create_app(
                 hello = {"server_id": server_id, "rev": hub.latest_rev}
                 yield b"retry: 2000\n" + format_event(json.dumps(hello), event="hello")
                 position = start
+                live = False
                 seen = hub.announce_seq  # announcements are news, never replayed
                 while not hub.closed and not stream.revoked:
                     page = await pages.after(position)
@@ -620,7 +630,10 @@ def create_app(
                         # One write for the page: a tree of small files makes thousands.
                         data, position = page
                         yield data
+                        if live and (published := hub.published_at(position)) is not None:
+                            prometheus.event_delay.observe(trio.current_time() - published)
                         continue
+                    live = True  # caught up: from here on, pages are changes as they happen
                     news, seen = hub.announced_since(seen, name)
                     if news:
                         yield b"".join(news)

@@ -21,6 +21,8 @@ from ..protocol.sse import format_event
 ANNOUNCEMENTS_KEPT = 8
 #: Encoded pages of the change log kept for streams that read from the same revision.
 PAGES_KEPT = 64
+#: Publish times kept, to measure how long a commit takes to reach the live streams.
+PUBLISH_TIMES_KEPT = 1024
 PAGES_MAX_BYTES = 16 * 2**20
 
 
@@ -35,6 +37,7 @@ class ChangeHub:
         self._announce_seq = 0
         self._landings = 0
         self._landed = trio.Event()
+        self._published: OrderedDict[int, float] = OrderedDict()
 
     @property
     def latest_rev(self) -> int:
@@ -47,7 +50,14 @@ class ChangeHub:
     def publish(self, rev: int) -> None:
         if rev > self._latest:
             self._latest = rev
+        self._published[rev] = trio.current_time()
+        while len(self._published) > PUBLISH_TIMES_KEPT:
+            self._published.popitem(last=False)
         self._wake()
+
+    def published_at(self, rev: int) -> float | None:
+        """When *rev* was published (Trio time), if it was one of the last few published."""
+        return self._published.get(rev)
 
     def close(self) -> None:
         """Server shutdown: every waiting stream returns and ends its response."""
