@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from urllib.parse import urlsplit
 
 import trio
 
+from . import __version__
 from .client import status
 from .client.conflicts import resolve as resolve_conflict
 from .client.engine import Engine
@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Start with `trio-sync server`, then `trio-sync client DIR --server URL"
         " --token-file FILE` on each machine. `trio-sync COMMAND --help` says more.",
     )
-    parser.add_argument("--version", action="version", version=f"trio-sync {_version()}")
+    parser.add_argument("--version", action="version", version=f"trio-sync {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -461,13 +461,6 @@ def _describe(folder: Path, r: dict[str, Any]) -> str:
     if r.get("last_error") and r.get("connected"):
         lines.append(f"  last error: {r['last_error']}")
     return "\n".join(lines)
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("trio-sync")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _confirm_deletes(folder: Path) -> int:

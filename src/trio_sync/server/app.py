@@ -19,6 +19,7 @@ from quart import Response, current_app, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from .. import __version__ as VERSION
 from ..core.compression import decoded_size, pack, unpack
 from ..core.hashing import content_hash
 from ..core.offload import Offload
@@ -42,7 +43,8 @@ from ..protocol.models import (
 )
 from ..protocol.paths import check_path
 from ..protocol.sse import format_comment, format_event
-from .auth import Authenticator, Stream
+from . import page as page_files
+from .auth import SESSION_COOKIE, SESSION_SECONDS, Authenticator, Stream
 from .hub import ChangeHub, EventPages
 from .metrics import CLIENT_KEY, Traffic
 from .prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
@@ -57,6 +59,11 @@ LIST_PAGE = 1000
 EVENT_PAGE = 500
 #: Versions (or deleted paths) one `GET /history` answers with at most.
 HISTORY_LIMIT = 10_000
+#: What anyone may ask for without a token: the status page's shell, and its login.
+PUBLIC = {("GET", "/"), ("GET", "/page.js"), ("GET", "/page.css"), ("POST", "/login"),
+          ("POST", "/logout")}  # fmt: skip
+STORAGE_CACHE_SECONDS = 10.0
+LIST_PAGE = 1000
 #: Paths one `POST /restore` brings back at most.
 MAX_RESTORE = 100_000
 #: Streamed frames are gathered into writes of about this many bytes.
@@ -160,6 +167,15 @@ def _same(a: FileEntry, b: FileEntry) -> bool:
     return (a.kind, a.hash, a.executable) == (b.kind, b.hash, b.executable)
 
 
+def _static(text: str, mimetype: str) -> Response:
+    response = Response(text, mimetype=mimetype)
+    response.headers["Content-Security-Policy"] = page_files.CSP
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Cache-Control"] = "no-cache"
+    return response
+
+
 def _cursor() -> int | None:
     raw = request.headers.get("Last-Event-ID") or request.args.get("cursor")
     if raw is None or raw == "":
@@ -182,6 +198,7 @@ def create_app(
     traffic: Traffic | None = None,
     commit_lock: trio.Lock | None = None,
     offload: Offload,
+    history_days: float = 30.0,
 ) -> QuartTrio:
     """The app; *offload* runs (de)compression of chunks, inside its `running()` block."""
     app = QuartTrio("trio_sync")
@@ -204,10 +221,16 @@ def create_app(
             response = _error(429, "too_many_failures", "too many wrong tokens; wait")
             response.headers["Retry-After"] = str(math.ceil(wait))
             return response
-        info = auth.identify(request.headers.get("Authorization"))
-        if info is None:  # perhaps a token added a moment ago: look at the store once more
-            await auth.reload()
-            info = auth.identify(request.headers.get("Authorization"))
+        if (request.method, request.path) in PUBLIC:
+            return None  # the page's shell holds no data; /login checks its token itself
+        header = request.headers.get("Authorization")
+        info = auth.identify(header)
+        if info is None and header is None and request.method == "GET":
+            # The status page: a session cookie, for reading only (SameSite=Strict besides).
+            info = auth.by_session(request.cookies.get(SESSION_COOKIE))
+        if info is None and header is not None:
+            await auth.reload()  # perhaps a token added a moment ago: look at the store again
+            info = auth.identify(header)
         if info is None:
             auth.failed(address)
             response = _error(401, "unauthorized", "missing or wrong bearer token")
@@ -533,6 +556,82 @@ def create_app(
             raise ProtocolError(f"'commits' must be a list of 1 to {MAX_COMMITS} commits")
         return _json({"results": await commit_all([CommitRequest.from_json(c) for c in raw])})
 
+    @app.get("/")
+    async def page() -> Response:
+        return _static(page_files.HTML, "text/html; charset=utf-8")
+
+    @app.get("/page.js")
+    async def page_js() -> Response:
+        return _static(page_files.JS, "text/javascript; charset=utf-8")
+
+    @app.get("/page.css")
+    async def page_css() -> Response:
+        return _static(page_files.CSS, "text/css; charset=utf-8")
+
+    @app.post("/login")
+    async def login() -> Response:
+        address = request.remote_addr or "unknown"
+        body = await _json_body()
+        token = body.get("token") if isinstance(body, dict) else None
+        session = auth.open_session(token) if isinstance(token, str) and token else None
+        if session is None and isinstance(token, str) and token:
+            await auth.reload()
+            session = auth.open_session(token)
+        if session is None:
+            auth.failed(address)
+            return _error(401, "unauthorized", "that token was not accepted")
+        response = _json({"ok": True})
+        response.set_cookie(
+            SESSION_COOKIE, session, max_age=int(SESSION_SECONDS), path="/", httponly=True,
+            samesite="Strict", secure=request.scheme == "https",
+        )  # fmt: skip
+        return response
+
+    @app.post("/logout")
+    async def logout() -> Response:
+        auth.close_session(request.cookies.get(SESSION_COOKIE))
+        response = _json({"ok": True})
+        response.delete_cookie(SESSION_COOKIE, path="/")
+        return response
+
+    storage_cache: list[tuple[float, dict[str, Any]]] = []
+
+    async def storage() -> dict[str, Any]:
+        """Files, bytes, chunks and what deduplication saves, from the current tree; cached
+        for a few seconds (it reads every entry)."""
+        now = trio.current_time()
+        if storage_cache and now - storage_cache[0][0] < STORAGE_CACHE_SECONDS:
+            return storage_cache[0][1]
+        files = total = 0
+        chunks: dict[str, int] = {}
+        after = ""
+        while page := await meta.list_current(after, LIST_PAGE):
+            for entry in page:
+                if entry.kind != DIR:
+                    files += 1
+                    total += entry.size
+                    chunks.update((c.hash, c.size) for c in entry.chunks)
+            after = page[-1].path
+        stored = sum(chunks.values())
+        figures = {
+            "files": files, "bytes": total, "chunks": len(chunks), "chunk_bytes": stored,
+            "saved_by_dedupe": total - stored, "history_days": history_days,
+        }  # fmt: skip
+        storage_cache[:] = [(now, figures)]
+        return figures
+
+    @app.get("/status.json")
+    async def status_json() -> Response:
+        latest = hub.latest_rev
+        clients = [
+            {"name": s.name, "address": s.address, "since": s.since,
+             "behind": max(0, latest - max(s.position, 0))}
+            for s in sorted(hub.streams.values(), key=lambda s: (s.name, s.since))
+        ]  # fmt: skip
+        return _json(
+            {"version": VERSION, "rev": latest, "clients": clients, "storage": await storage()}
+        )
+
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(prometheus.render(), content_type=PROMETHEUS_CONTENT_TYPE)
@@ -603,6 +702,7 @@ def create_app(
     @app.get("/sync")
     async def sync() -> Response:
         name = _client_name()
+        address = request.remote_addr or ""  # the stream runs outside the request's context
         cursor = _cursor()
         start = hub.latest_rev if cursor is None else cursor
         info: TokenInfo = g.client
@@ -616,12 +716,13 @@ def create_app(
                         yield piece
 
         async def stream_events(stream: Stream) -> AsyncGenerator[bytes, None]:
-            subscription = hub.subscribe(name)
+            subscription = hub.subscribe(name, address)
             log.info("%s connected (from rev %d)", name, start)
             try:
                 hello = {"server_id": server_id, "rev": hub.latest_rev}
                 yield b"retry: 2000\n" + format_event(json.dumps(hello), event="hello")
                 position = start
+                hub.at(subscription, position)
                 live = False
                 seen = hub.announce_seq  # announcements are news, never replayed
                 while not hub.closed and not stream.revoked:
@@ -630,6 +731,7 @@ def create_app(
                         # One write for the page: a tree of small files makes thousands.
                         data, position = page
                         yield data
+                        hub.at(subscription, position)
                         if live and (published := hub.published_at(position)) is not None:
                             prometheus.event_delay.observe(trio.current_time() - published)
                         continue

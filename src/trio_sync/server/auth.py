@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import secrets
 import time
 from collections import defaultdict, deque
 from collections.abc import Iterator
@@ -31,6 +32,10 @@ FAILURES_ALLOWED = 10
 FAILURE_WINDOW = 60.0
 #: Event streams one token may hold open at once.
 STREAMS_PER_TOKEN = 8
+#: The status page's session: a cookie holding a random id, never the token.
+SESSION_COOKIE = "tsync_session"
+SESSION_SECONDS = 12 * 3600
+MAX_SESSIONS = 1000
 
 
 def bearer(header: str | None) -> str | None:
@@ -56,6 +61,8 @@ class Authenticator:
         self._seen: dict[str, tuple[float, str]] = {}
         #: Token name -> its open event streams.
         self._streams: defaultdict[str, set[Stream]] = defaultdict(set)
+        #: Session id -> (the token's digest, or None for the shared token; expiry, Trio time).
+        self._sessions: dict[str, tuple[str | None, float]] = {}
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         return await trio.to_thread.run_sync(partial(fn, *args), limiter=self._limiter)
@@ -105,6 +112,34 @@ class Authenticator:
         # A dictionary look-up of the digest: what it could leak by its timing is the digest,
         # from which the token cannot be found.
         return self._tokens.get(digest(token))
+
+    def open_session(self, token: str) -> str | None:
+        """A new session id for the status page if *token* is valid, else None. The session
+        holds the token's digest: a revoked token ends its sessions too."""
+        info = self.identify(f"Bearer {token}")
+        if info is None:
+            return None
+        while len(self._sessions) >= MAX_SESSIONS:  # oldest first: dicts keep insertion order
+            del self._sessions[next(iter(self._sessions))]
+        session = secrets.token_urlsafe(32)
+        kept = None if info.shared else digest(token)
+        self._sessions[session] = (kept, trio.current_time() + SESSION_SECONDS)
+        return session
+
+    def by_session(self, session: str | None) -> TokenInfo | None:
+        if not session or (found := self._sessions.get(session)) is None:
+            return None
+        kept, expires = found
+        if trio.current_time() >= expires:
+            del self._sessions[session]
+            return None
+        if kept is None:
+            return TokenInfo(SHARED, 0.0, shared=True) if self._shared else None
+        return self._tokens.get(kept)
+
+    def close_session(self, session: str | None) -> None:
+        if session:
+            self._sessions.pop(session, None)
 
     def saw(self, name: str, address: str) -> None:
         self._seen[name] = (time.time(), address)

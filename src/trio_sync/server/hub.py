@@ -9,8 +9,10 @@ further behind than that simply misses some (they only let other clients start e
 from __future__ import annotations
 
 import json
+import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import trio
 
@@ -26,12 +28,22 @@ PUBLISH_TIMES_KEPT = 1024
 PAGES_MAX_BYTES = 16 * 2**20
 
 
+@dataclass(slots=True)
+class StreamInfo:
+    name: str
+    address: str
+    since: float  # Unix time
+    position: int = 0
+
+
 class ChangeHub:
     def __init__(self, latest_rev: int = 0) -> None:
         self._latest = latest_rev
         self._changed = trio.Event()
         self._closed = False
         self.subscribers: dict[int, str] = {}
+        #: What the status page shows of each open stream.
+        self.streams: dict[int, StreamInfo] = {}
         self._next_id = 0
         self._announced: deque[tuple[int, str, bytes]] = deque(maxlen=ANNOUNCEMENTS_KEPT)
         self._announce_seq = 0
@@ -112,13 +124,20 @@ class ChangeHub:
 
     # -- streams ----------------------------------------------------------------------------
 
-    def subscribe(self, name: str) -> int:
+    def subscribe(self, name: str, address: str = "") -> int:
         self._next_id += 1
         self.subscribers[self._next_id] = name
+        self.streams[self._next_id] = StreamInfo(name, address, time.time())
         return self._next_id
+
+    def at(self, token: int, rev: int) -> None:
+        """Stream *token* has sent everything up to *rev*."""
+        if (info := self.streams.get(token)) is not None:
+            info.position = rev
 
     def unsubscribe(self, token: int) -> None:
         self.subscribers.pop(token, None)
+        self.streams.pop(token, None)
 
 
 class _Read:

@@ -189,7 +189,7 @@ async def _serve(
         commit_lock = trio.Lock()
         app = create_app(
             meta, blobs, hub, auth, server_id=server_id, keepalive=config.keepalive,
-            body_grace=config.body_grace,
+            body_grace=config.body_grace, history_days=config.keep_history_days,
             traffic=traffic, commit_lock=commit_lock, offload=io,
         )  # fmt: skip
 
