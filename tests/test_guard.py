@@ -9,9 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
-from trio_sync.client.guard import HELD_FILE
+from trio_sync.client.guard import HELD_FILE, DeleteGuard, DeletionsHeld, GuardLimits, confirm
+from trio_sync.core.offload import Offload
 from trio_sync.protocol.paths import STATE_DIR_NAME
 
 from .conftest import TOKEN, ServerHandle, eventually, in_sync, tree
@@ -133,3 +135,39 @@ def test_confirm_deletes_on_a_folder_that_is_not_synced_says_so(tmp_path: Path) 
     )  # fmt: skip
     assert done.returncode == 2
     assert "not a synced folder" in done.stderr
+
+
+async def test_a_confirmed_mass_delete_keeps_flowing_past_the_window(tmp_path: Path) -> None:
+    """A confirmation covers a deletion that takes longer than the guard's window to send."""
+    root, state = tmp_path / "root", tmp_path / "root" / STATE_DIR_NAME
+    state.mkdir(parents=True)
+    names = [f"f{i:02d}" for i in range(30)]
+    async with Offload(1).running() as offload:
+        guard = DeleteGuard(root, state, lambda: names, offload, GuardLimits(window=0.3))
+        with pytest.raises(DeletionsHeld):
+            await guard.allow(names[0])  # none of them exist: all 30 are gone
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(guard.watch, _ignore)
+            confirm(state)
+            with trio.fail_after(5):
+                while guard.reason is not None:  # noqa: ASYNC110 - the guard's own poll
+                    await trio.sleep(0.05)
+            for name in names:  # 1.5 s in all, five windows
+                await guard.allow(name)
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        assert guard.reason is None
+
+
+async def _ignore(paths: set[str]) -> None:
+    pass
+
+
+async def test_a_new_run_drops_the_record_of_an_earlier_hold(tmp_path: Path) -> None:
+    """Files put back while no client ran: `status` must not go on saying deletions are held."""
+    state = tmp_path / STATE_DIR_NAME
+    state.mkdir()
+    (state / HELD_FILE).write_text('{"reason": "from an earlier run"}')
+    async with Offload(1).running() as offload:
+        DeleteGuard(tmp_path, state, list, offload, GuardLimits())
+    assert not (state / HELD_FILE).exists()

@@ -153,15 +153,12 @@ class Engine:
             async with self._io.running(), self._db.running():
                 await self._reload_ignore()
                 self._index = await Index.open(self.state_dir / "state.db", self._db)
-                self._guard = DeleteGuard(
-                    self.root,
-                    self.state_dir,
-                    self._index.files,
-                    self._io,
-                    GuardLimits(
-                        fraction=self.config.max_delete_fraction,
-                        max_files=self.config.max_delete_files,
-                    ),
+                limits = GuardLimits(
+                    fraction=self.config.max_delete_fraction,
+                    max_files=self.config.max_delete_files,
+                )
+                self._guard = await trio.to_thread.run_sync(
+                    DeleteGuard, self.root, self.state_dir, self._index.files, self._io, limits
                 )
                 try:
                     yield

@@ -71,12 +71,15 @@ class DeleteGuard:
         offload: Offload,
         limits: GuardLimits,
     ) -> None:
+        """Blocking (a stat, and the record of an earlier run's hold is dropped: this run looks
+        afresh)."""
         self._root = root
         self._state_dir = state_dir
         self._synced_files = synced_files
         self._offload = offload
         self.limits = limits
         self._identity = _identity(root)
+        _remove(state_dir / HELD_FILE)
         self._sent: deque[float] = deque()
         self._survey: tuple[float, Survey] | None = None
         self._confirmed_until = -1.0
@@ -104,6 +107,8 @@ class DeleteGuard:
             raise DeletionsHeld(f"{path}: deletion held back ({self.reason})")
         if count:
             self._sent.append(now)
+            if now < self._confirmed_until:  # a confirmed deletion still going: keep it going
+                self._confirmed_until = now + self.limits.window
 
     async def watch(self, release: Callable[[set[str]], Awaitable[None]]) -> None:
         """While deletions are held, let them go when the user confirms or when the files are
