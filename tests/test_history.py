@@ -244,3 +244,13 @@ async def test_a_conflict_resolved_as_both_or_theirs(tmp_path: Path) -> None:
     wrong = await cli("conflicts", folder, "--resolve", "a.txt", "--keep", "mine", check=False)
     assert wrong.returncode == 2
     assert b"not a conflict copy" in wrong.stderr
+
+
+async def test_status_reaches_a_client_however_deep_its_folder_is(
+    start_client: Start, server: ServerHandle, tmp_path: Path
+) -> None:
+    deep = tmp_path / ("d" * 100) / ("e" * 100) / "a"  # a socket address holds 108 bytes
+    await first_run(deep, server, tmp_path)
+    await start_client("a", root=deep)
+    report = json.loads((await cli("status", deep, "--json")).stdout)
+    assert report["running"] is True

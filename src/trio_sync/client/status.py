@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +41,9 @@ async def serve(
     await trio.to_thread.run_sync(_remove, path)  # left by a client that was killed
     with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
-            await sock.bind(os.fspath(path))  # owner-only: the state folder is
-        except OSError as e:  # a path longer than a socket address allows (108 bytes)
+            with _short(path) as address:
+                await sock.bind(address)  # owner-only: the state folder is
+        except OSError as e:
             log.warning("no status socket at %s (%s): `status` shows the state on disk", path, e)
             task_status.started()
             return
@@ -67,7 +68,8 @@ def ask(folder: Path) -> dict[str, Any] | None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(ASK_TIMEOUT)
         try:
-            sock.connect(os.fspath(path))
+            with _short(path) as address:
+                sock.connect(address)
             data = b""
             while chunk := sock.recv(65536):
                 data += chunk
@@ -126,6 +128,20 @@ def _parts(tag: str) -> tuple[str, str, str]:
     """`.sync-conflict-20261124-153012-laptop` → the day, the time and the client."""
     day, clock, client = tag.removeprefix(".sync-conflict-").split("-", 2)
     return day, clock, client
+
+
+@contextlib.contextmanager
+def _short(path: Path) -> Iterator[str]:
+    """A name for socket *path* that fits a socket address (108 bytes, however deep the synced
+    folder is): through an open descriptor of its folder (`/proc/self/fd/N/name`)."""
+    if not os.path.isdir("/proc/self/fd"):
+        yield os.fspath(path)
+        return
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
 
 
 def _remove(path: Path) -> None:

@@ -63,7 +63,6 @@ HISTORY_LIMIT = 10_000
 PUBLIC = {("GET", "/"), ("GET", "/page.js"), ("GET", "/page.css"), ("POST", "/login"),
           ("POST", "/logout")}  # fmt: skip
 STORAGE_CACHE_SECONDS = 10.0
-LIST_PAGE = 1000
 #: Paths one `POST /restore` brings back at most.
 MAX_RESTORE = 100_000
 #: Streamed frames are gathered into writes of about this many bytes.
