@@ -69,3 +69,4 @@ def bench(session: nox.Session) -> None:
     session.install("-e", ".")
     session.run("python", "benchmarks/bench.py", *session.posargs)
     session.run("python", "benchmarks/load.py", *session.posargs)
+    session.run("python", "benchmarks/latency.py", *session.posargs)
