@@ -444,7 +444,8 @@ def write_report(out: Path, rows: list[Row], edits: list[Row], *, quick: bool) -
         "",
         "Written by `nox -s bench` (`benchmarks/bench.py`)"
         + (" with `--quick`" if quick else "")
-        + ".",
+        + "; the load and latency sections at the end by `benchmarks/load.py` and"
+        " `benchmarks/latency.py`, in the same session.",
         "",
         "## How they were taken",
         "",

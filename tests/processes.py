@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 def _child(request: dict[str, Any]) -> None:
     """Run one server or client, its output appended to its log; never returns."""
     code = 70
+    cli.hold_stop_signals()  # as `trio-sync` does first: a stop that comes early waits for it
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

@@ -370,3 +370,27 @@ async def test_a_client_stopped_as_it_starts_leaves_no_temp_files(
                 await trio.sleep(0.001)
         assert await client.terminate() == 0
         assert not (folder / ".trio-sync/tmp").exists()
+
+
+async def test_a_stop_that_comes_before_the_handler_waits_for_it(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    """A SIGTERM in the first moments (before the handler is in place) is held, then handled:
+    a clean exit, not death by signal."""
+    _, url, token = await start_server(spawn, tmp_path / "data")
+    folder = tmp_path / "early"
+    code = (
+        "import os, signal, sys\n"
+        "from trio_sync import cli\n"
+        "cli.hold_stop_signals()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)  # pending from the start\n"
+        f"args = ['client', {str(folder)!r}, '--server', {url!r}, '--token', {token!r}]\n"
+        "sys.exit(cli.main(args))\n"
+    )
+    with trio.fail_after(30):
+        done = await trio.run_process(
+            [sys.executable, "-c", code], capture_stdout=True, capture_stderr=True, check=False
+        )
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"received SIGTERM" in done.stderr
+    assert not (folder / ".trio-sync/tmp").exists()

@@ -266,7 +266,7 @@ async def run_history(seed: int, forks: ForkServer, home: Path) -> Counter[str]:
         world.note("every client runs until all folders agree")
         for client in clients.values():
             if not client.running:
-                await client.start()
+                await client.start(wait=True)  # it runs: a stop now is a stop of a client that ran
         roots = [c.root for c in clients.values()]
         try:
             await in_sync(*roots, timeout=60)

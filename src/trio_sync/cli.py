@@ -240,7 +240,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Held back from the moment the process starts until `_until_signal` handles them.
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def hold_stop_signals() -> None:
+    """Keep SIGINT and SIGTERM pending, not fatal, until the handler is in place: a stop in the
+    first milliseconds would otherwise end the process before it could clean up."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    hold_stop_signals()
     args = _parser().parse_args(argv)
     limit_allocator_arenas()
     logging.basicConfig(
@@ -544,7 +555,8 @@ async def _until_signal(
 ) -> None:
     """Started with `nursery.start` before any work: a signal that came before the handler was
     in place would end the process on the spot, with its temp files left behind."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one held back arrives now
         task_status.started()
         async for signum in signals:
             log.info("received %s, stopping", signal.Signals(signum).name)
