@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -154,3 +156,23 @@ async def test_events_the_kernel_dropped_ask_for_a_full_rescan(tmp_path: Path) -
             fd = os.open(tmp_path / f"f{i}", os.O_CREAT | os.O_WRONLY)
             os.close(fd)
         await seen.until_overflow()
+
+
+def test_a_wide_tree_is_watched_with_few_descriptors(tmp_path: Path) -> None:
+    """Watching 2,000 sibling folders under a limit of 256 open files."""
+    for i in range(2000):
+        (tmp_path / "wide" / f"d{i}").mkdir(parents=True)
+    code = (
+        "import resource, sys\n"
+        "from pathlib import Path\n"
+        "from trio_sync.client.watcher import _Inotify, _watch_tree\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))\n"
+        "inotify = _Inotify()\n"
+        "_watch_tree(inotify, Path(sys.argv[1]), '')\n"
+        "print(len(inotify.folders))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2002"]  # the root, wide, and its 2,000 folders

@@ -120,7 +120,8 @@ class _Inotify:
 
 
 def _watch_tree(inotify: _Inotify, root: Path, top: str) -> None:
-    """Watch folder *top* (a wire path) and every real folder below it. Blocking."""
+    """Watch folder *top* (a wire path) and every real folder below it, depth first, holding
+    one open descriptor per level (a folder of 10,000 folders must not need 10,000). Blocking."""
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for part in top.split("/") if top else ():
@@ -130,24 +131,37 @@ def _watch_tree(inotify: _Inotify, root: Path, top: str) -> None:
     except OSError:
         os.close(fd)
         return  # gone again, or a symlink / a file by now: nothing to watch
-    stack = [(fd, top)]
-    while stack:
-        fd, rel = stack.pop()
+    levels: list[tuple[int, str, Iterator[str]]] = []
+
+    def enter(fd: int, rel: str) -> None:
         try:
             inotify.add(fd, rel)
             with os.scandir(fd) as entries:
                 names = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
-            for name in names:
-                if not rel and is_state_dir(name):
-                    continue
-                try:
-                    child = os.open(name, _FOLDER, dir_fd=fd)
-                except OSError:
-                    continue  # removed, or replaced by a symlink since the listing
-                stack.append((child, f"{rel}/{name}" if rel else name))
         except OSError as e:
+            os.close(fd)
             log.warning("cannot watch %s: %s", rel or "the synced folder", e)
-        finally:
+            return
+        levels.append((fd, rel, iter(names)))
+
+    try:
+        enter(fd, top)
+        while levels:
+            fd, rel, names = levels[-1]
+            name = next(names, None)
+            if name is None:
+                levels.pop()
+                os.close(fd)
+                continue
+            if not rel and is_state_dir(name):
+                continue
+            try:
+                child = os.open(name, _FOLDER, dir_fd=fd)
+            except OSError:
+                continue  # removed, or replaced by a symlink since the listing
+            enter(child, f"{rel}/{name}" if rel else name)
+    finally:
+        for fd, _, _ in levels:
             os.close(fd)
 
 
