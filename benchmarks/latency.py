@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from report import percentile, write_section
+
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- latency: written by benchmarks/latency.py -->", "<!-- /latency -->"
 TOKEN = "latency-benchmark-token-0123456789"
@@ -215,14 +217,8 @@ def measure(peers: Peers, samples: int, append_samples: int) -> dict[str, list[f
     return results
 
 
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
-
-
 def write_report(out: Path, results: dict[str, list[float]]) -> None:
     lines = [
-        START,
         "## Latency: from a change in A to the same file in B",
         "",
         f"`benchmarks/latency.py`, run {time.strftime('%Y-%m-%d')} on this machine"
@@ -240,14 +236,7 @@ def write_report(out: Path, results: dict[str, list[float]]) -> None:
             f"| {kind} | {len(ms)} | {statistics.median(ms):.0f} ms | {percentile(ms, 90):.0f} ms"
             f" | {percentile(ms, 99):.0f} ms | {max(ms):.0f} ms |"
         )
-    lines.append(END)
-    section = "\n".join(lines)
-    text = out.read_text() if out.exists() else ""
-    if START in text and END in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    out.write_text(text)
+    write_section(out, START, END, lines)
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import trio
+from report import percentile, write_section
 
 from trio_sync.server.tokens import TokenStore
 
@@ -107,11 +108,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 async def drive(
@@ -255,7 +251,6 @@ def write_report(out: Path, r: dict[str, float | int]) -> None:
         ("server CPU while the changes arrived", f"{r['server_cpu_s']:.1f} s"),
     ]
     lines = [
-        START,
         f"## Load: {n} live clients on one server",
         "",
         f"`benchmarks/load.py`, run {time.strftime('%Y-%m-%d')} on this machine"
@@ -269,15 +264,8 @@ def write_report(out: Path, r: dict[str, float | int]) -> None:
         "| figure | value |",
         "|---|---|",
         *(f"| {name} | {value} |" for name, value in rows),
-        END,
     ]
-    section = "\n".join(lines)
-    text = out.read_text() if out.exists() else ""
-    if START in text and END in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    out.write_text(text)
+    write_section(out, START, END, lines)
 
 
 def main() -> None:

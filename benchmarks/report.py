@@ -1,0 +1,22 @@
+"""What the benchmark scripts share: percentiles, and replacing one marked section of
+docs/benchmarks.md while keeping the rest of the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def write_section(out: Path, start: str, end: str, lines: list[str]) -> None:
+    """Put *lines* between the markers *start* and *end* in *out* (appended if absent)."""
+    section = "\n".join([start, *lines, end])
+    text = out.read_text() if out.exists() else ""
+    if start in text and end in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    out.write_text(text)
