@@ -33,7 +33,11 @@ from .conftest import TOKEN, ServerHandle, in_sync, open_fds_to, requests_betwee
 Start = Callable[..., Any]
 MiB = 1024 * 1024
 SLACK = 64 * 1024
-SETTLE = 1.0
+
+
+def rested(key: StatKey) -> bool:
+    """The settle rule: a file is done with once it has not been modified for a second."""
+    return time.time() - key.mtime_ns / 1e9 >= 1.0
 
 
 def write_settled(path: Path, content: bytes) -> None:
@@ -87,7 +91,7 @@ async def test_a_big_file_is_sent_before_the_upload_and_not_again_by_it(
     content = random.Random(1).randbytes(40 * MiB)
     write_settled(root / "big.bin", content)
     async with client_parts(server, root) as (transfer, scanner, early_sends):
-        with transfer.sending_early("big.bin", early_sends, SETTLE) as early:
+        with transfer.sending_early("big.bin", early_sends, rested) as early:
             local = await scanner.scan("big.bin", None, early)
             assert local is not None
             # The engine has not decided anything yet; the chunks are on their way already.
@@ -110,7 +114,7 @@ async def test_a_head_start_nobody_takes_over_is_stopped_and_closes_its_file(
     write_settled(root / "big.bin", random.Random(2).randbytes(64 * MiB))
     with trio.fail_after(20):
         async with client_parts(server, root) as (transfer, scanner, early_sends):
-            with transfer.sending_early("big.bin", early_sends, SETTLE) as early:
+            with transfer.sending_early("big.bin", early_sends, rested) as early:
                 local = await scanner.scan("big.bin", None, early)
                 assert local is not None
                 assert early.started
@@ -135,7 +139,7 @@ async def test_a_file_that_changed_since_it_was_cut_ends_the_head_start_quietly(
         os.close(fd)
     write_settled(root / "big.bin", random.Random(4).randbytes(24 * MiB))  # same size, new bytes
     async with client_parts(server, root) as (transfer, _, early_sends):
-        with transfer.sending_early("big.bin", early_sends, SETTLE) as early:
+        with transfer.sending_early("big.bin", early_sends, rested) as early:
             early.cut(list(digest.chunks), 0)
             await early.sent()  # no error: only the head start ends
             assert early.stored == set()
@@ -155,7 +159,7 @@ async def test_a_head_start_ends_quietly_when_the_server_is_gone(
     write_settled(root / "big.bin", random.Random(6).randbytes(24 * MiB))
     async with client_parts(server, root) as (transfer, scanner, early_sends):
         await server.stop()
-        with transfer.sending_early("big.bin", early_sends, SETTLE) as early:
+        with transfer.sending_early("big.bin", early_sends, rested) as early:
             local = await scanner.scan("big.bin", None, early)  # hashing does not need it
             assert local is not None
             with trio.fail_after(20):
@@ -179,7 +183,7 @@ async def test_big_files_are_hashed_a_few_at_a_time(server: ServerHandle, tmp_pa
         await server.stop()  # nothing is sent: the head starts end at their first question
 
         async def scan(name: str) -> None:
-            with transfer.sending_early(name, early_sends, SETTLE) as early:
+            with transfer.sending_early(name, early_sends, rested) as early:
                 assert await scanner.scan(name, None, early) is not None
 
         async with trio.open_nursery() as nursery:
@@ -203,7 +207,7 @@ async def test_only_big_files_that_are_not_being_written_are_sent_early(
     server: ServerHandle, tmp_path: Path, size: int, age: float, wanted: bool
 ) -> None:
     async with client_parts(server, tmp_path / "a") as (transfer, _, early_sends):
-        with transfer.sending_early("f", early_sends, SETTLE) as early:
+        with transfer.sending_early("f", early_sends, rested) as early:
             mtime_ns = int((time.time() - age) * 1e9)
             assert early.wants(StatKey(size, mtime_ns, 1, False)) is wanted
             assert not early.started

@@ -462,19 +462,62 @@ async def test_a_big_file_that_never_rests_is_uploaded_now_and_then(
     await start_client("b")
     caplog.set_level(logging.INFO)
     growing = a / "growing.bin"
-    arrived_while_written = False
+    written = os.urandom(EARLY_MIN_SIZE)
+    states = {len(written)}  # the sizes the file had, each a prefix of what was written
+    seen_in_b: set[bytes] = set()
     with open(growing, "wb") as f:  # noqa: ASYNC230 - a writer that never pauses for long
-        f.write(os.urandom(EARLY_MIN_SIZE))
+        f.write(written)
         for _ in range(35):
-            f.write(os.urandom(100_000))
+            more = os.urandom(100_000)
+            f.write(more)
+            f.flush()
+            written += more
+            states.add(len(written))
+            await trio.sleep(0.1)
+            with suppress(FileNotFoundError):
+                seen_in_b.add((b / "growing.bin").read_bytes())
+    uploads = [m for m in messages(caplog) if m.startswith("uploaded growing.bin")]
+    await in_sync(a, b, timeout=30)
+    assert seen_in_b, "nothing arrived while the file was written"
+    # What arrived while it was written is a state the file really had, never a mix.
+    for content in seen_in_b:
+        assert len(content) in states
+        assert content == written[: len(content)]
+    # About once a second (settle_max_seconds) while it was written, not at every look.
+    assert 1 <= len(uploads) <= 5
+
+
+async def test_a_closed_file_goes_at_once_and_one_still_open_waits(
+    start_client: Start, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # With a settle time of a minute, only the kernel's word that the writer is done (a close
+    # after writing, a rename into place) can send a file within this test's timeouts.
+    a, b = tmp_path / "a", tmp_path / "b"
+    await start_client("a", settle_seconds=60, settle_max_seconds=120)
+    await start_client("b")
+    caplog.set_level(logging.INFO)
+
+    with open(a / "download.part", "wb") as f:  # noqa: ASYNC230 - a writer that stays
+        for i in range(20):  # two seconds of writing in small pieces, then a pause
+            f.write(b"%d," % i)
             f.flush()
             await trio.sleep(0.1)
-            arrived_while_written |= (b / "growing.bin").exists()
-    written = [m for m in messages(caplog) if m.startswith("uploaded growing.bin")]
-    await in_sync(a, b, timeout=30)
-    assert arrived_while_written
-    # About once a second (settle_max_seconds) while it was written, not at every look.
-    assert 1 <= len(written) <= 5
+        await trio.sleep(0.5)
+        assert not (b / "download.part").exists()  # still open: not sent
+    await eventually(lambda: tree(b).get("download.part", b"").endswith(b"19,"))
+    assert [m for m in messages(caplog) if m.startswith("uploaded download.part")] == [
+        "uploaded download.part (new local file, 50 bytes)"
+    ]  # once, with its final content
+
+    write(a / "notes.md", "v1")  # written whole and closed
+    await eventually(lambda: (b / "notes.md").exists())
+    write(a / ".notes.md.tmp", "v2, saved by an editor")
+    os.rename(a / ".notes.md.tmp", a / "notes.md")
+    await in_sync(a, b)
+    with open(a / "notes.md", "r+b") as f:  # noqa: ASYNC230 - overwritten in place
+        f.write(b"V3")
+    await in_sync(a, b)
+    assert (b / "notes.md").read_bytes() == b"V3, saved by an editor"
 
 
 async def test_editor_saves_and_bulk_creation_make_one_change_each(

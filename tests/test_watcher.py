@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from trio_sync.client.watcher import watch
+from trio_sync.client.watcher import Changes, watch
 
 
 def inotify_watches() -> int:
@@ -32,13 +32,16 @@ class Seen:
     def __init__(self) -> None:
         self.paths: set[str] = set()
         self.folders: set[str] = set()
+        self.batches: list[Changes] = []
         self.overflows = 0
         self._changed = trio.Event()
 
-    async def on_change(self, paths: set[str], folders: set[str]) -> None:
-        assert folders <= paths
-        self.paths |= paths
-        self.folders |= folders
+    async def on_change(self, changes: Changes) -> None:
+        assert changes.folders <= changes.paths
+        assert changes.finished <= changes.paths - changes.folders
+        self.paths |= changes.paths
+        self.folders |= changes.folders
+        self.batches.append(changes)
         self._changed.set()
 
     async def on_overflow(self) -> None:
@@ -176,3 +179,36 @@ def test_a_wide_tree_is_watched_with_few_descriptors(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["2002"]  # the root, wide, and its 2,000 folders
+
+
+async def test_a_file_is_finished_once_closed_after_writing_or_renamed_into_place(
+    tmp_path: Path,
+) -> None:
+    async with watching(tmp_path) as seen:
+        with open(tmp_path / "open.log", "wb") as f:  # noqa: ASYNC230 - a writer that stays
+            f.write(b"first")
+            f.flush()
+            await seen.until("open.log")
+            await seen.quiet()
+            assert not any("open.log" in b.finished for b in seen.batches)  # still open
+            seen.paths.clear()
+            f.write(b"second")
+        await seen.until("open.log")
+        assert "open.log" in seen.batches[-1].finished  # the close after the write
+
+        # An editor's save: the target is finished by the rename, the temp file is gone.
+        (tmp_path / ".doc.swp").write_bytes(b"v2")
+        os.rename(tmp_path / ".doc.swp", tmp_path / "doc")
+        await seen.until("doc")
+        await seen.quiet()
+        last = seen.batches[-1]
+        assert "doc" in last.finished
+        assert ".doc.swp" not in last.finished
+
+        # Written again after the close, and not closed yet: not finished any more.
+        seen.paths.clear()
+        with open(tmp_path / "doc", "ab") as f:  # noqa: ASYNC230
+            f.write(b"more")
+            f.flush()
+            await seen.until("doc")
+            assert "doc" not in seen.batches[-1].finished

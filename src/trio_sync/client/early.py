@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from collections.abc import Callable
 
 import trio
@@ -54,7 +53,7 @@ class EarlySend:
         *,
         open_file: Callable[[], int],
         read_frame: Callable[[int, Chunk, int], Frame],
-        settle_seconds: float,
+        done_writing: Callable[[StatKey], bool],
     ) -> None:
         self.path = path
         self._nursery = nursery
@@ -63,7 +62,7 @@ class EarlySend:
         self._offload = offload
         self._open_file = open_file
         self._read_frame = read_frame
-        self._settle = settle_seconds
+        self._done_writing = done_writing
         self._scope: trio.CancelScope | None = None  # set once the first chunks are cut
         #: Chunks the server said it lacks (sent, or being sent, from here).
         self.lacking: set[str] = set()
@@ -80,7 +79,7 @@ class EarlySend:
     def wants(self, key: StatKey) -> bool:
         """Worth it for a big file that is not being written: one still changing would not be
         uploaded yet, and its chunks would be stale by the time it is."""
-        return key.size >= EARLY_MIN_SIZE and time.time() - key.mtime_ns / 1e9 >= self._settle
+        return key.size >= EARLY_MIN_SIZE and self._done_writing(key)
 
     def cut(self, chunks: list[Chunk], offset: int) -> None:
         """The scanner cut these chunks, starting at *offset*; send those the server lacks."""

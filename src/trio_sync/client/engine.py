@@ -67,7 +67,7 @@ from .transfer import (
     SpaceLimits,
     Transfer,
 )
-from .watcher import watch
+from .watcher import Changes, watch
 
 log = logging.getLogger("trio_sync.client")
 
@@ -118,6 +118,8 @@ class Engine:
         self._budget = ByteBudget(config.memory_budget)
         #: When we first saw a file still being written (see ClientConfig.settle_seconds).
         self._unsettled: dict[str, float] = {}
+        #: Files the kernel said their writer finished with, and when we read that (ns).
+        self._finished: dict[str, int] = {}
 
     @property
     def index(self) -> Index:
@@ -421,8 +423,14 @@ class Engine:
         log.info("ignore rules %s", "loaded" if text else "cleared")
         return True
 
-    async def _on_local_change(self, paths: set[str], folders_seen: set[str]) -> None:
-        """*folders_seen*: those of *paths* the watcher saw appear, move or go as folders."""
+    async def _on_local_change(self, changes: Changes) -> None:
+        paths, folders_seen = changes.paths, changes.folders
+        now = time.time_ns()
+        for p in paths:
+            if p in changes.finished:
+                self._finished[p] = now
+            else:
+                self._finished.pop(p, None)
         if IGNORE_FILE in paths and await self._reload_ignore() and self.remote_state is not None:
             await self._mark_all()  # what is ignored changed: look at everything again
         changed = {p for p in paths if is_valid_path(p)}
@@ -476,20 +484,24 @@ class Engine:
         return transfer
 
     async def _worker(self, transfer: Transfer) -> None:
-        settle = self.config.settle_seconds
         async with trio.open_nursery() as early_sends:  # this worker's head starts (early.py)
             while True:
                 path = await self.queue.get()
                 try:
-                    with transfer.sending_early(path, early_sends, settle) as early:
+                    with transfer.sending_early(
+                        path, early_sends, partial(self._done_writing, path)
+                    ) as early:
                         await self._sync_path(transfer, path, early)
                 finally:
                     self.queue.done(path)
 
     async def _sync_path(self, transfer: Transfer, path: str, early: EarlySend) -> None:
         assert self.remote_state is not None
+        finished = self._finished.get(path)
         try:
             await self._apply(transfer, path, early)
+            if self._finished.get(path) == finished:  # else a newer close came meanwhile
+                self._finished.pop(path, None)
             self.failed.pop(path, None)
             self._rechecks.pop(path, None)
         except Conflict as conflict:
@@ -550,18 +562,26 @@ class Engine:
         self.queue.mark_many(also)
         self.queue.defer(path, RECHECK_DELAY)
 
+    def _done_writing(self, path: str, stat: StatKey) -> bool:
+        """Whether the writer is done with *path* as *stat* shows it: the kernel said it closed
+        the file after writing or renamed it into place, and it was not written since (the
+        close we read came after its last modification); or it has not been modified for
+        `settle_seconds` (a file changed while we were not watching, or still open)."""
+        finished = self._finished.get(path)
+        if finished is not None and stat.mtime_ns <= finished:
+            return True
+        return time.time() - stat.mtime_ns / 1e9 >= self.config.settle_seconds
+
     def _settled(self, path: str, stat: StatKey) -> bool:
-        """Upload a file only once it has not been modified for a moment, so a file being
-        written is not sent half way, and again, and again. A file that never rests is sent
-        anyway after `settle_max_seconds` (hashes are checked again at commit); that clock restarts
-        once it is uploaded. The scanner asks too, before it hashes a big file again."""
-        settle = self.config.settle_seconds
-        now = time.time()
-        if now - stat.mtime_ns / 1e9 >= settle:
+        """Upload a file only once its writer is done with it, so a file being written is not
+        sent half way, and again, and again. A file that never rests is sent anyway after
+        `settle_max_seconds` (hashes are checked again at commit); that clock restarts once it
+        is uploaded. The scanner asks too, before it hashes a big file again."""
+        if self._done_writing(path, stat):
             self._unsettled.pop(path, None)
             return True
-        since = self._unsettled.setdefault(path, now)
-        return now - since >= self.config.settle_max_seconds
+        since = self._unsettled.setdefault(path, time.time())
+        return time.time() - since >= self.config.settle_max_seconds
 
     async def _forget_ignored(self, path: str) -> None:
         # Ignored paths are neither sent nor received. Forgetting the base means that lifting

@@ -212,7 +212,7 @@ class Transfer:
 
     @contextlib.contextmanager
     def sending_early(
-        self, path: str, nursery: trio.Nursery, settle_seconds: float
+        self, path: str, nursery: trio.Nursery, done_writing: Callable[[StatKey], bool]
     ) -> Iterator[EarlySend]:
         """Scan and upload *path* inside this block to send a big file while it is hashed
         (client/early.py), in tasks of *nursery*; what the upload did not take over is stopped
@@ -225,7 +225,7 @@ class Transfer:
             self._offload,
             open_file=partial(self._open_to_read, path),
             read_frame=self._read_frame,
-            settle_seconds=settle_seconds,
+            done_writing=done_writing,
         )
         try:
             yield early

@@ -16,6 +16,7 @@ import logging
 import os
 import struct
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
@@ -50,8 +51,8 @@ _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of NUL-p
 _READ_SIZE = 64 * 1024
 _FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
-#: How long a burst of events may keep growing one batch, and the quiet that ends it sooner.
-STEP_MS = 50
+#: The quiet that ends a burst of events (a batch grows for at most `debounce_ms`).
+STEP_MS = 20
 
 
 class _Inotify:
@@ -165,21 +166,33 @@ def _watch_tree(inotify: _Inotify, root: Path, top: str) -> None:
             os.close(fd)
 
 
+@dataclass
+class Changes:
+    """What one burst of events named."""
+
+    #: Wire paths of files or folders that changed.
+    paths: set[str] = field(default_factory=set)
+    #: Those of `paths` that are folders which appeared, moved or went away.
+    folders: set[str] = field(default_factory=set)
+    #: Those of `paths` whose writer is done with them: the last event was a close after
+    #: writing (`IN_CLOSE_WRITE`) or a rename into place (`IN_MOVED_TO`), not a write.
+    finished: set[str] = field(default_factory=set)
+
+
 async def watch(
     root: Path,
-    on_change: Callable[[set[str], set[str]], Awaitable[None]],
+    on_change: Callable[[Changes], Awaitable[None]],
     *,
     on_overflow: Callable[[], Awaitable[None]],
     debounce_ms: int = 200,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Call *on_change* with the wire paths (files or folders) that changed, batch by batch,
-    and those of them that are folders which appeared, moved or went away.
+    """Call *on_change* with what changed, burst by burst (`Changes`).
 
-    Such a folder is reported once, by its own path: the caller looks at everything below it
-    (on disk and in its index), which also covers what happened in a new folder before its
-    watch existed. When the kernel dropped events (its queue overflowed), *on_overflow* is
-    called instead: look at everything.
+    A folder that appeared, moved or went away is reported once, by its own path: the caller
+    looks at everything below it (on disk and in its index), which also covers what happened
+    in a new folder before its watch existed. When the kernel dropped events (its queue
+    overflowed), *on_overflow* is called instead: look at everything.
     """
     inotify = _Inotify()
     limiter = trio.CapacityLimiter(1)
@@ -206,8 +219,8 @@ async def watch(
                 await take(batch)
             if batch.everything:
                 await on_overflow()
-            elif batch.paths:
-                await on_change(batch.paths, batch.folders)
+            elif batch.changes.paths:
+                await on_change(batch.changes)
     finally:
         inotify.close()
 
@@ -217,13 +230,13 @@ class _Batch:
 
     def __init__(self, inotify: _Inotify) -> None:
         self._inotify = inotify
-        self.paths: set[str] = set()
-        self.folders: set[str] = set()
+        self.changes = Changes()
         self.everything = False
 
     def take(self, events: Iterable[tuple[int, int, str]]) -> list[str]:
         """Add *events*; return the folders that appeared in them, to be watched."""
         folders = self._inotify.folders
+        changes = self.changes
         new: list[str] = []
         for wd, mask, name in events:
             if mask & IN_Q_OVERFLOW:
@@ -245,9 +258,14 @@ class _Batch:
             if not folder and is_state_dir(name):
                 continue
             rel = f"{folder}/{name}" if folder else name
-            self.paths.add(rel)
-            if mask & IN_ISDIR:
-                self.folders.add(rel)
+            changes.paths.add(rel)
+            if not mask & IN_ISDIR:
+                if mask & (IN_CLOSE_WRITE | IN_MOVED_TO):
+                    changes.finished.add(rel)
+                elif not mask & IN_ATTRIB:  # a chmod or touch after the close leaves it done
+                    changes.finished.discard(rel)
+            else:
+                changes.folders.add(rel)
                 if mask & IN_MOVED_FROM:
                     self._inotify.forget(rel)
                     new = [f for f in new if f != rel and not f.startswith(rel + "/")]
