@@ -7,8 +7,9 @@ processes on loopback. Each sample makes one change in A; the clock starts when 
 every millisecond. Samples are spaced a few hundred milliseconds apart. `--samples N` and
 `--append-samples N` set the counts; `--quick` is a smoke test.
 
-This measures trio-sync only for now; the issue that asks for these figures (latency) also asks
-for Syncthing beside them, measured the same way.
+Syncthing is measured the same way in the same run where it is installed (benchmarks/syncthing.py:
+two local instances, `fsWatcherDelayS=1`). Then, for each tool, the CPU its processes use in a
+minute of idling with 10,000 synced files: a fast path must not come from busy polling.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import syncthing
 from report import percentile, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +34,8 @@ START, END = "<!-- latency: written by benchmarks/latency.py -->", "<!-- /latenc
 TOKEN = "latency-benchmark-token-0123456789"
 SPACING = 0.3
 POLL = 0.001
+IDLE_FILES = 10_000
+IDLE_SECONDS = 60
 
 
 def wait_until(check: Callable[[], bool], timeout: float = 60.0) -> float:
@@ -105,6 +109,19 @@ class Peers:
         wait_until(lambda: "in sync" in (self.home / "b.log").read_text(), timeout=60)
         wait_until(lambda: "in sync" in (self.home / "a.log").read_text(), timeout=60)
 
+    @property
+    def pids(self) -> dict[str, int]:
+        return dict(
+            zip(
+                ("trio-sync server", "trio-sync A", "trio-sync B"),
+                (p.pid for p in self.procs),
+                strict=True,
+            )
+        )
+
+    def in_sync(self) -> bool:
+        return True  # B holding every file is all there is to wait for
+
     def stop(self) -> None:
         for proc in self.procs:
             proc.send_signal(signal.SIGTERM)
@@ -123,8 +140,7 @@ def sample(change: Callable[[], Callable[[], bool]]) -> float:
     return wait_until(arrived) - started
 
 
-def measure(peers: Peers, samples: int, append_samples: int) -> dict[str, list[float]]:
-    a, b = peers.a, peers.b
+def measure(a: Path, b: Path, samples: int, append_samples: int) -> dict[str, list[float]]:
     results: dict[str, list[float]] = {}
 
     def run(
@@ -217,26 +233,93 @@ def measure(peers: Peers, samples: int, append_samples: int) -> dict[str, list[f
     return results
 
 
-def write_report(out: Path, results: dict[str, list[float]]) -> None:
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process *pid* so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def idle_cpu(
+    a: Path, b: Path, pids: dict[str, int], in_sync: Callable[[], bool], files: int, seconds: float
+) -> dict[str, float]:
+    """CPU seconds each process uses in *seconds* of idling once *files* 1 KiB files are synced."""
+    for i in range(files):
+        folder = a / "idle" / f"d{i % 100}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"f{i}").write_bytes(os.urandom(1024))
+
+    def all_there() -> bool:
+        return sum(len(os.listdir(d)) for d in (b / "idle").iterdir()) == files and in_sync()
+
+    wait_until(all_there, timeout=600)
+    time.sleep(10)  # let the last writes of the sync itself end
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    time.sleep(seconds)
+    used = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+    print("idle: " + ", ".join(f"{n} {s:.2f} s" for n, s in used.items()), flush=True)
+    return used
+
+
+def _cells(times: list[float] | None) -> str:
+    if not times:
+        return "- | - | - | -"
+    ms = [t * 1000 for t in times]
+    return (
+        f"{statistics.median(ms):.0f} ms | {percentile(ms, 90):.0f} ms"
+        f" | {percentile(ms, 99):.0f} ms | {max(ms):.0f} ms"
+    )
+
+
+def write_report(
+    out: Path,
+    ours: dict[str, list[float]],
+    theirs: dict[str, list[float]] | None,
+    idle: dict[str, float],
+    peer: str,
+) -> None:
     lines = [
         "## Latency: from a change in A to the same file in B",
         "",
         f"`benchmarks/latency.py`, run {time.strftime('%Y-%m-%d')} on this machine"
         f" ({os.cpu_count()} cores): a `trio-sync server` and two live clients on loopback, real"
-        " processes. The clock starts when the writer's `close()` (`rename()`, `unlink()`)"
-        " returns in A and stops when B holds exactly the result, polled every millisecond;"
-        f" samples {SPACING * 1000:.0f} ms apart. Syncthing is not measured beside it yet.",
+        f" processes; beside them {peer}. The clock starts when the writer's `close()`"
+        " (`rename()`, `unlink()`) returns in A and stops when B holds exactly the result,"
+        f" polled every millisecond; samples {SPACING * 1000:.0f} ms apart.",
         "",
-        "| change | samples | p50 | p90 | p99 | max |",
-        "|---|---|---|---|---|---|",
+        "| change | samples | trio-sync p50 | p90 | p99 | max | Syncthing p50 | p90 | p99 | max |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for kind, times in results.items():
-        ms = [t * 1000 for t in times]
+    for kind, times in ours.items():
         lines.append(
-            f"| {kind} | {len(ms)} | {statistics.median(ms):.0f} ms | {percentile(ms, 90):.0f} ms"
-            f" | {percentile(ms, 99):.0f} ms | {max(ms):.0f} ms |"
+            f"| {kind} | {len(times)} | {_cells(times)} | {_cells((theirs or {}).get(kind))} |"
         )
+    lines += [
+        "",
+        f"CPU while idle: user plus system seconds of each process in {IDLE_SECONDS} s with"
+        f" nothing changing, after {IDLE_FILES:,} files of 1 KiB were synced (from `/proc`).",
+        "",
+        "| process | CPU seconds |",
+        "|---|---|",
+        *(f"| {name} | {used:.2f} |" for name, used in idle.items()),
+    ]
     write_section(out, START, END, lines)
+
+
+def run_tool(
+    name: str, work: Path, samples: int, appends: int, idle_files: int, idle_seconds: float
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Start *name*'s pair on fresh folders in *work*, measure it, stop it."""
+    a, b = work / "a", work / "b"
+    a.mkdir()
+    b.mkdir()
+    peers = Peers(work) if name == "trio-sync" else syncthing.Pair(work, a, b)
+    try:
+        peers.start()
+        results = measure(a, b, samples, appends)
+        idle = idle_cpu(a, b, peers.pids, peers.in_sync, idle_files, idle_seconds)
+    finally:
+        peers.stop()
+    return results, idle
 
 
 def main() -> None:
@@ -247,15 +330,25 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
     samples, appends = (5, 3) if args.quick else (args.samples, args.append_samples)
-    with tempfile.TemporaryDirectory(prefix="trio-sync-latency-") as tmp:
-        peers = Peers(Path(tmp))
-        try:
-            peers.start()
-            results = measure(peers, samples, appends)
-        finally:
-            peers.stop()
+    idle_files, idle_seconds = (200, 2) if args.quick else (IDLE_FILES, IDLE_SECONDS)
+    tools = ["trio-sync"]
+    if syncthing.installed():
+        tools.append("Syncthing")
+        peer = f"Syncthing {syncthing.version()} (two local instances, `fsWatcherDelayS=1`)"
+    else:
+        peer = "no Syncthing: it is not installed here (`apt-get install syncthing`)"
+        print(f"skipping Syncthing: {peer}", flush=True)
+    results: dict[str, dict[str, list[float]]] = {}
+    idle: dict[str, float] = {}
+    for tool in tools:
+        print(f"-- {tool}", flush=True)
+        with tempfile.TemporaryDirectory(prefix="trio-sync-latency-") as tmp:
+            results[tool], used = run_tool(
+                tool, Path(tmp), samples, appends, idle_files, idle_seconds
+            )
+            idle |= used
     if not args.quick:
-        write_report(args.out, results)
+        write_report(args.out, results["trio-sync"], results.get("Syncthing"), idle, peer)
 
 
 if __name__ == "__main__":
