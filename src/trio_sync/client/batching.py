@@ -8,6 +8,7 @@ once. A `ByteBudget` bounds the chunk bytes held in memory by all workers togeth
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
@@ -36,9 +37,13 @@ BATCH_BYTES = 8 * 1024 * 1024
 #: A batch waits for more calls while they keep arriving (each within GATHER_STEP seconds of
 #: the last), for up to GATHER_STEPS steps, unless it is full. Small files are processed at
 #: several hundred a second, so a tree of them becomes batches of dozens (about 65 files per
-#: request for 10,000 files, docs/benchmarks.md); a lone change waits one step.
+#: request for 10,000 files, docs/benchmarks.md). A lone call after a quiet spell (one change
+#: saved by a user) goes at once: every step it waited would add to the time it takes to
+#: reach the other clients.
 GATHER_STEP = 0.005
 GATHER_STEPS = 10
+#: How long without a call makes the next one a lone call.
+QUIET = GATHER_STEP * GATHER_STEPS
 
 
 class Pending(Generic[T, R]):
@@ -91,6 +96,7 @@ class Batcher(Generic[T, R]):
         self._slots = trio.Semaphore(parallel)
         self._queue: deque[Pending[T, R]] = deque()
         self._arrived = trio.Event()
+        self._last_taken = -math.inf
 
     async def call(self, item: T) -> R:
         pending: Pending[T, R] = Pending(item)
@@ -119,7 +125,9 @@ class Batcher(Generic[T, R]):
 
     async def _gather(self) -> None:
         """Wait briefly while calls keep arriving, so a burst (workers finishing their disk
-        reads one after another) becomes one request. A lone call waits one short step."""
+        reads one after another) becomes one request."""
+        if len(self._queue) == 1 and trio.current_time() - self._last_taken > QUIET:
+            return
         for _ in range(GATHER_STEPS):
             if self._full():
                 return
@@ -136,6 +144,7 @@ class Batcher(Generic[T, R]):
         )
 
     def _take(self) -> list[Pending[T, R]]:
+        self._last_taken = trio.current_time()
         batch: list[Pending[T, R]] = []
         total = 0
         while self._queue and len(batch) < self._max_items:
