@@ -498,15 +498,16 @@ async def test_a_closed_file_goes_at_once_and_one_still_open_waits(
     caplog.set_level(logging.INFO)
 
     with open(a / "download.part", "wb") as f:  # noqa: ASYNC230 - a writer that stays
-        for i in range(20):  # two seconds of writing in small pieces, then a pause
+        for i in range(50):  # five seconds of writing in small pieces, then a pause
             f.write(b"%d," % i)
             f.flush()
             await trio.sleep(0.1)
+            assert not (b / "download.part").exists()  # still open: not sent
         await trio.sleep(0.5)
-        assert not (b / "download.part").exists()  # still open: not sent
-    await eventually(lambda: tree(b).get("download.part", b"").endswith(b"19,"))
+        assert not (b / "download.part").exists()
+    await eventually(lambda: tree(b).get("download.part", b"").endswith(b"49,"))
     assert [m for m in messages(caplog) if m.startswith("uploaded download.part")] == [
-        "uploaded download.part (new local file, 50 bytes)"
+        "uploaded download.part (new local file, 140 bytes)"
     ]  # once, with its final content
 
     write(a / "notes.md", "v1")  # written whole and closed
@@ -518,6 +519,8 @@ async def test_a_closed_file_goes_at_once_and_one_still_open_waits(
         f.write(b"V3")
     await in_sync(a, b)
     assert (b / "notes.md").read_bytes() == b"V3, saved by an editor"
+    # The save by rename was one change in B, not a deletion and a new file.
+    assert not [m for m in messages(caplog) if m.startswith("deleted")]
 
 
 async def test_editor_saves_and_bulk_creation_make_one_change_each(

@@ -69,10 +69,11 @@ class ClientConfig:
     #: Reconnect backoff: first delay and cap, in seconds (full jitter on top).
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
-    #: Watcher: how long to gather a burst of changes, in milliseconds.
+    #: Watcher: how long a burst of changes may grow at most, in milliseconds.
     debounce_ms: int = 200
-    #: A file is uploaded once it has not been modified for this many seconds; one that never
-    #: rests, every *settle_max_seconds* anyway.
+    #: A file is uploaded once its writer closed it (or renamed it into place), or once it has
+    #: not been modified for this many seconds; one that never rests, every
+    #: *settle_max_seconds* anyway.
     settle_seconds: float = 1.0
     settle_max_seconds: float = 30.0
     #: The event stream is considered dead after this long without a byte (keep-alives are 15 s).
