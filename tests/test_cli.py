@@ -394,3 +394,45 @@ async def test_a_stop_that_comes_before_the_handler_waits_for_it(
     assert done.returncode == 0, done.stderr.decode()
     assert b"received SIGTERM" in done.stderr
     assert not (folder / ".trio-sync/tmp").exists()
+
+
+async def test_a_client_on_a_terminal_shows_big_transfers_and_a_quiet_one_only_errors(
+    spawn: Spawn, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    _, url, token = await start_server(spawn, tmp_path / "data")
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    (a / "big.bin").write_bytes(os.urandom(64 * 1024 * 1024))
+    # Client A's output is a terminal (a pseudo-terminal we read), as when run by hand.
+    master, slave = os.openpty()
+    env = {**os.environ, "TRIO_SYNC_TOKEN": token, "TERM": "xterm-256color", "COLUMNS": "120"}
+    process = await trio.lowlevel.open_process(
+        [*COMMAND, "client", str(a), "--server", url, "--name", "a"],
+        stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env,
+    )  # fmt: skip
+    os.close(slave)
+    screen = bytearray()
+
+    async def read_terminal() -> None:
+        with suppress(OSError, trio.BrokenResourceError):  # EIO once the client is gone
+            async with trio.lowlevel.FdStream(master) as terminal:
+                async for piece in terminal:
+                    screen.extend(piece)
+
+    nursery.start_soon(read_terminal)
+    try:
+        await eventually(lambda: b"in sync with" in screen, 60)
+        quiet = await spawn("client", str(b), "--server", url, "--name", "b", "--quiet", env=env)
+        await eventually(lambda: (b / "big.bin").exists(), 60)
+        assert await quiet.terminate() == 0
+    finally:
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            await process.wait()
+    assert process.returncode == 0
+    shown = screen.decode(errors="replace")
+    assert "↑ big.bin" in shown  # a bar for the big upload, with bytes, rate and time left
+    assert re.search(r"\d+\.\d/64\.0 MiB", shown)
+    assert re.search(r"in sync with \S+ \(1 up \(64\.0 MiB\) in [\d.]+ s\)", shown)
+    assert (b / "big.bin").read_bytes() == (a / "big.bin").read_bytes()
+    assert b" INFO " not in quiet.output, quiet.output.decode()  # errors only

@@ -4,6 +4,7 @@ CLI against a real server, with real clients receiving what a restore brings bac
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -14,6 +15,8 @@ from typing import Any
 import pytest
 import trio
 
+from trio_sync.cli import _describe as describe
+from trio_sync.client import status
 from trio_sync.client.settings import SETTINGS_FILE, TOKEN_FILE, Saved, save
 from trio_sync.history import parse_when
 from trio_sync.protocol.paths import STATE_DIR_NAME
@@ -254,3 +257,47 @@ async def test_status_reaches_a_client_however_deep_its_folder_is(
     await start_client("a", root=deep)
     report = json.loads((await cli("status", deep, "--json")).stdout)
     assert report["running"] is True
+
+
+async def test_status_says_what_is_moving_and_what_waits_to_go_up_and_down(
+    start_client: Start, server: ServerHandle, tmp_path: Path
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    big = 96 * 1024 * 1024
+    (a / "a-big.bin").write_bytes(os.urandom(big))
+    for i in range(40):
+        (a / f"small-{i:02d}.txt").write_text(f"small {i}" * 100)
+    small = sum(len(f"small {i}" * 100) for i in range(40))
+
+    async def while_moving(folder: Path) -> dict[str, Any]:
+        seen: dict[str, Any] | None = None
+        with trio.fail_after(30):
+            while seen is None or not seen.get("transfers"):
+                seen = await trio.to_thread.run_sync(status.ask, folder)
+                await trio.sleep(0.01)
+        assert seen["in_sync"] is False
+        (moving,) = seen["transfers"]
+        assert moving["path"] == "a-big.bin"
+        assert moving["total"] == big
+        assert 0 <= moving["done"] <= moving["total"]
+        return seen
+
+    # One worker: the big file comes first, the small ones wait behind it.
+    client_a = await start_client("a", wait=False, workers=1)
+    seen = await while_moving(a)
+    assert seen["transfers"][0]["direction"] == "up"
+    assert seen["waiting_up"] == {"files": 40, "bytes": small}
+    assert "40 files (30.3 KiB) to go up" in describe(a, seen)
+    with trio.fail_after(30):
+        while not (await client_a.engine.status())["in_sync"]:  # noqa: ASYNC110 - polled
+            await trio.sleep(0.05)
+
+    await start_client("b", wait=False, workers=1)
+    seen = await while_moving(b)
+    assert seen["transfers"][0]["direction"] == "down"
+    assert seen["waiting_down"] == {"files": 40, "bytes": small}
+    shown = describe(b, seen)
+    assert "40 (30.3 KiB) to come down" in shown
+    assert "↓ a-big.bin: " in shown
+    await in_sync(a, b, timeout=60)

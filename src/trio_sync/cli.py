@@ -18,12 +18,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import trio
+from rich.console import Console
 
 from . import __version__
 from .client import status
 from .client.conflicts import resolve as resolve_conflict
 from .client.engine import Engine
 from .client.guard import confirm
+from .client.progress import format_size
+from .client.progress import show as show_progress
 from .client.settings import Saved, synced_folder_of
 from .client.settings import load as load_settings
 from .client.settings import save as save_settings
@@ -170,6 +173,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     client.add_argument("--once", action="store_true", help="reconcile once, then exit")
     client.add_argument(
+        "-q", "--quiet", action="store_true", help="errors only: no progress, no log of each file"
+    )
+    client.add_argument(
         "--no-compress",
         dest="compress",
         action="store_false",
@@ -254,10 +260,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     hold_stop_signals()
     args = _parser().parse_args(argv)
     limit_allocator_arenas()
+    quiet = args.command == "client" and args.quiet
+    # A client on a terminal shows progress bars; its log lines are printed above them.
+    console = Console(stderr=True) if args.command == "client" and sys.stderr.isatty() else None
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.ERROR if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
-        stream=sys.stderr,
+        handlers=[_ConsoleHandler(console) if console else logging.StreamHandler(sys.stderr)],
     )
     if not args.verbose:
         for noisy in ("httpx", "httpcore", "hpack"):
@@ -350,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_delete_fraction=args.max_delete_percent / 100,
         max_delete_files=args.max_delete_files,
     )
-    return trio.run(client_main, config, args.once)
+    return trio.run(partial(client_main, config, args.once, progress=not quiet, console=console))
 
 
 def _server_url_problem(args: argparse.Namespace) -> str | None:
@@ -399,6 +408,20 @@ def _history_command(args: argparse.Namespace) -> int:
     except TrioSyncError as e:
         print(f"trio-sync: {e}", file=sys.stderr)
         return EXIT_OUT_OF_SYNC
+
+
+class _ConsoleHandler(logging.Handler):
+    """Log lines through rich's console, so that they go above the progress bars."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__()
+        self._console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._console.print(self.format(record), markup=False, highlight=False, soft_wrap=True)
+        except Exception:
+            self.handleError(record)
 
 
 def _status_command(args: argparse.Namespace) -> int:
@@ -454,9 +477,24 @@ def _describe(folder: Path, r: dict[str, Any]) -> str:
     if r.get("in_sync"):
         lines.append("  in sync")
     elif r.get("running"):
-        lines.append(f"  {r.get('waiting', 0)} paths waiting, {r.get('moving_count', 0)} moving")
+        up, down = r.get("waiting_up") or {}, r.get("waiting_down") or {}
+        lines.append(
+            f"  waiting: {up.get('files', 0):,} files ({format_size(up.get('bytes', 0))}) to go"
+            f" up, {down.get('files', 0):,} ({format_size(down.get('bytes', 0))}) to come down;"
+            f" {r.get('waiting', 0):,} paths to look at, {r.get('moving_count', 0):,} being"
+            " worked on"
+        )
+        transfers = r.get("transfers") or []
+        for t in transfers:
+            lines.append(
+                f"    {'↑' if t['direction'] == 'up' else '↓'} {t['path']}:"
+                f" {format_size(t['done'])} of {format_size(t['total'])}"
+                f" ({100 * t['done'] // max(t['total'], 1)}%), {format_size(t['rate'])}/s"
+            )
+        moving = {t["path"] for t in transfers}
         for path in r.get("moving") or []:
-            lines.append(f"    moving: {path}")
+            if path not in moving:
+                lines.append(f"    working on {path}")
     held = r.get("held_deletes")
     if held:
         lines.append(
@@ -614,12 +652,17 @@ async def server_main(config: ServerConfig) -> int:
     return code
 
 
-async def client_main(config: ClientConfig, once: bool) -> int:
-    """Run a client (one reconcile with *once*, else until SIGINT or SIGTERM); the exit code."""
+async def client_main(
+    config: ClientConfig, once: bool, *, progress: bool = True, console: Console | None = None
+) -> int:
+    """Run a client (one reconcile with *once*, else until SIGINT or SIGTERM); the exit code.
+    With *progress*, big transfers are shown: as bars on *console*, else in the log."""
     engine = Engine(config)
     code = EXIT_OK
     async with trio.open_nursery() as nursery:
         await nursery.start(_until_signal, nursery.cancel_scope)
+        if progress:
+            nursery.start_soon(show_progress, engine.progress, console)
         try:
             if once:
                 problems = await engine.sync_once()

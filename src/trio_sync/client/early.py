@@ -26,6 +26,7 @@ from ..protocol.frames import Frame
 from ..protocol.models import Chunk
 from .batching import Batches, ByteBudget
 from .index import StatKey
+from .progress import UP, Moving, Progress
 
 log = logging.getLogger("trio_sync.client")
 
@@ -54,6 +55,7 @@ class EarlySend:
         open_file: Callable[[], int],
         read_frame: Callable[[int, Chunk, int], Frame],
         done_writing: Callable[[StatKey], bool],
+        progress: Progress,
     ) -> None:
         self.path = path
         self._nursery = nursery
@@ -63,6 +65,9 @@ class EarlySend:
         self._open_file = open_file
         self._read_frame = read_frame
         self._done_writing = done_writing
+        self._progress = progress
+        self._moving: Moving | None = None  # from the first cut on
+        self._size = 0
         self._scope: trio.CancelScope | None = None  # set once the first chunks are cut
         #: Chunks the server said it lacks (sent, or being sent, from here).
         self.lacking: set[str] = set()
@@ -79,11 +84,13 @@ class EarlySend:
     def wants(self, key: StatKey) -> bool:
         """Worth it for a big file that is not being written: one still changing would not be
         uploaded yet, and its chunks would be stale by the time it is."""
+        self._size = key.size
         return key.size >= EARLY_MIN_SIZE and self._done_writing(key)
 
     def cut(self, chunks: list[Chunk], offset: int) -> None:
         """The scanner cut these chunks, starting at *offset*; send those the server lacks."""
         if self._scope is None:
+            self._moving = self._progress.begin(self.path, UP, self._size)
             self._scope = trio.CancelScope()
             self._cuts, cuts = trio.open_memory_channel[list[Located]](math.inf)
             self._asked, self._sent = trio.Event(), trio.Event()
@@ -112,6 +119,13 @@ class EarlySend:
     def stop(self) -> None:
         if self._scope is not None:
             self._scope.cancel()
+        if self._moving is not None:
+            self._progress.end(self._moving)
+
+    def _moved(self, size: int) -> None:
+        """*size* bytes of the file are on the server (sent now, or had already)."""
+        assert self._moving is not None
+        self._moving.done += size
 
     async def _run(self, cuts: trio.MemoryReceiveChannel[list[Located]]) -> None:
         assert self._scope is not None
@@ -158,6 +172,7 @@ class EarlySend:
                         to_send.send_nowait((chunk, at))
                     else:
                         self.stored.add(chunk.hash)
+                        self._moved(chunk.size)
             self._asked.set()
 
     async def _send(self, sending: trio.MemoryReceiveChannel[Located]) -> None:
@@ -180,6 +195,7 @@ class EarlySend:
             frame = await self._offload.run_sync(self._read_frame, fd, chunk, at)
             if await self._batches.put(frame):
                 self.stored.add(chunk.hash)
+                self._moved(chunk.size)
             else:
                 # The file changed since that chunk was cut: the rest would be stale too.
                 assert self._scope is not None

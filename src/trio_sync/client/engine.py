@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 import trio
@@ -55,9 +56,10 @@ from .early import EarlySend
 from .guard import DeleteGuard, DeletionsHeld, GuardLimits
 from .index import BaseEntry, Index, StatKey, is_racy
 from .landing import Landing
+from .progress import DOWN, UP, Progress
 from .queue import PathQueue
 from .remote import Remote, connect
-from .scanner import Ignored, LocalFile, Scanner, StillWriting, Unsyncable
+from .scanner import Ignored, LocalFile, Scanner, StillWriting, Unsyncable, anchored
 from .transfer import (
     PARTIAL_DIR,
     PARTIAL_KEEP_SECONDS,
@@ -83,6 +85,8 @@ RETRY_FAILED_EVERY = 30.0
 #: fetching ahead only saves time).
 AHEAD_AT_ONCE = 2
 AHEAD_QUEUE = 8
+#: `status` sizes at most this many of the paths waiting to go up.
+STATUS_LOOKS = 10_000
 
 
 class Engine:
@@ -120,6 +124,8 @@ class Engine:
         self._unsettled: dict[str, float] = {}
         #: Files the kernel said their writer finished with, and when we read that (ns).
         self._finished: dict[str, int] = {}
+        #: What is moving now and what moved since the last reconcile began.
+        self.progress = Progress()
 
     @property
     def index(self) -> Index:
@@ -192,6 +198,7 @@ class Engine:
             self._partials,
             compress=self.config.compress,
             space=SpaceLimits(self.config.free_space_reserve, self.config.ahead_quota),
+            progress=self.progress,
         )
 
     # -- the two modes ----------------------------------------------------------------------
@@ -210,6 +217,7 @@ class Engine:
                     async with self._remote() as remote, single_error():
                         await self._connect(remote)
                         self._connected_since = time.time()
+                        self.progress.reset()
                         async with trio.open_nursery() as nursery:
                             await nursery.start(
                                 partial(
@@ -227,7 +235,7 @@ class Engine:
                             nursery.start_soon(self._housekeeping, transfer)
                             await self._mark_all()
                             await self.queue.wait_idle()
-                            log.info("in sync with %s", self.config.server_url)
+                            self._log_reconciled()
                             attempt = 0
                             ready()
                             ready = _nothing
@@ -246,11 +254,13 @@ class Engine:
         async with self._opened(), self._remote() as remote:
             async with single_error():
                 await self._connect(remote, relist=True)
+                self.progress.reset()
                 async with trio.open_nursery() as nursery:
                     await self._start_workers(nursery, remote)
                     await self._mark_all()
                     await self.queue.wait_idle()
                     nursery.cancel_scope.cancel()
+                self._log_reconciled()
                 await self._connect(remote, relist=True)
             return await self._differences()
 
@@ -630,6 +640,7 @@ class Engine:
                 log.info("created folder %s on the server (%s)", path, why)
             else:
                 log.info("uploaded %s (%s, %d bytes)", path, why, local.stat.size)
+                self.progress.count(UP, local.stat.size)
         elif action is Action.DELETE_REMOTE:
             assert self._guard is not None
             await self._guard.allow(path, count=base is not None and not base.is_dir)
@@ -639,9 +650,12 @@ class Engine:
                 raise FolderNotEmpty(path, [p[len(path) + 1 :] for p in below])
             self._know(await transfer.delete_remote(path, decision.base_rev))
             log.info("deleted %s on the server (%s)", path, why)
+            self.progress.count("deleted", 0)
         elif action is Action.DOWNLOAD:
             assert remote is not None
             fetched = await transfer.download(remote, local)
+            if remote.kind != DIR:
+                self.progress.count(DOWN, remote.size)
             if remote.kind == DIR:
                 log.info("created folder %s (%s)", path, why)
             elif not fetched:
@@ -654,6 +668,7 @@ class Engine:
             assert local is not None
             await transfer.delete_local(path, local)
             log.info("deleted %s locally (%s)", path, why)
+            self.progress.count("deleted", 0)
         elif action is Action.CONFLICT:
             assert local is not None
             assert remote is not None
@@ -667,7 +682,7 @@ class Engine:
         if path == IGNORE_FILE and await self._reload_ignore():
             await self._mark_all()
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
         """What `trio-sync status` shows (client/status.py)."""
         pending, busy, deferred = self.queue.counts()
         guard = self._guard
@@ -677,6 +692,7 @@ class Engine:
             else None
         )
         connected = self._connected_since is not None
+        up, down = await self._waiting()
         return {
             "running": True,
             "pid": os.getpid(),
@@ -687,14 +703,54 @@ class Engine:
             "connected_since": self._connected_since,
             "in_sync": connected and self.queue.idle and not self.failed and held is None,
             "waiting": pending + deferred,
+            "waiting_up": up,
+            "waiting_down": down,
             "moving": sorted(self.queue.busy)[:20],
             "moving_count": busy,
+            "transfers": [m.as_json() for m in self.progress.moving.values()],
             "failed": dict(self.failed),
             "skipped": dict(self._scanner.rejected)
             | dict.fromkeys(self._warned, "symlink or special file"),
             "held_deletes": held,
             "last_error": self._last_error,
         }
+
+    async def _waiting(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Files and bytes waiting to go up and down. Down: what the server has newer than our
+        base. Up: the other waiting paths that are files here (sized by a look at each, for
+        the first STATUS_LOOKS of them). A path being worked on is not waiting."""
+        if self.remote_state is None or self._index is None:
+            return {"files": 0, "bytes": 0}, {"files": 0, "bytes": 0}
+        down = {"files": 0, "bytes": 0}
+        others: list[str] = []
+        for path in self.queue.waiting():
+            remote, base = self.remote_state.get(path), self.index.get(path)
+            if (
+                remote is not None
+                and not remote.deleted
+                and remote.kind != DIR
+                and (base is None or remote.rev > base.rev)
+            ):
+                down["files"] += 1
+                down["bytes"] += remote.size
+            elif len(others) < STATUS_LOOKS:
+                others.append(path)
+
+        def sizes() -> list[int]:
+            found = []
+            for path in others:
+                with contextlib.suppress(OSError, TrioSyncError), anchored(self.root, path) as p:
+                    st = os.lstat(p)
+                    if S_ISREG(st.st_mode):
+                        found.append(st.st_size)
+            return found
+
+        up = await self._io.run_sync(sizes)
+        return {"files": len(up), "bytes": sum(up)}, down
+
+    def _log_reconciled(self) -> None:
+        summary = self.progress.summary()
+        log.info("in sync with %s%s", self.config.server_url, f" ({summary})" if summary else "")
 
     async def _release_held(self, paths: set[str]) -> None:
         self.queue.mark_many(paths)

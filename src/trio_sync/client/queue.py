@@ -70,6 +70,10 @@ class PathQueue:
         """Paths waiting for a worker, held by one, and deferred to later."""
         return len(self._pending), len(self._busy), len(self._deferred)
 
+    def waiting(self) -> list[str]:
+        """The paths waiting for a worker, now or later."""
+        return [*self._pending, *(p for p in self._deferred if p not in self._pending)]
+
     @property
     def busy(self) -> frozenset[str]:
         """The paths workers hold now."""

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ ASK_TIMEOUT = 5.0
 
 async def serve(
     path: Path,
-    report: Callable[[], dict[str, Any]],
+    report: Callable[[], Awaitable[dict[str, Any]]],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -52,7 +52,7 @@ async def serve(
         async def answer(stream: trio.SocketStream) -> None:
             async with stream:
                 with trio.move_on_after(ASK_TIMEOUT):
-                    await stream.send_all(json.dumps(report()).encode() + b"\n")
+                    await stream.send_all(json.dumps(await report()).encode() + b"\n")
 
         try:
             task_status.started()

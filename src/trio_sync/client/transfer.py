@@ -53,6 +53,7 @@ from .conflicts import free_conflict_name, move_aside
 from .early import EarlySend
 from .index import BaseEntry, Index, StatKey
 from .landing import Landing, check_unchanged, place
+from .progress import DOWN, UP, Moving, Progress
 from .remote import Remote
 from .scanner import LocalFile, anchored, dir_key, stat_key
 
@@ -185,8 +186,11 @@ class Transfer:
         *,
         compress: bool,
         space: SpaceLimits = SpaceLimits(),
+        progress: Progress | None = None,
     ) -> None:
         self.root = root
+        #: Big files' bytes as they move (small files are counted by the engine when done).
+        self.progress = progress or Progress()
         self.tmp_dir = state_dir / "tmp"
         self.partial_dir = state_dir / PARTIAL_DIR
         self.index = index
@@ -226,6 +230,7 @@ class Transfer:
             open_file=partial(self._open_to_read, path),
             read_frame=self._read_frame,
             done_writing=done_writing,
+            progress=self.progress,
         )
         try:
             yield early
@@ -241,6 +246,18 @@ class Transfer:
             )
             await self.index.put(BaseEntry.synced(entry, local.stat, we_wrote_it=True))
             return entry
+        moving = None
+        if local.stat.size > SEND_WITHOUT_ASKING:
+            moving = self.progress.begin(local.path, UP, local.stat.size)
+        try:
+            return await self._upload_file(local, base_rev, early, moving)
+        finally:
+            if moving is not None:
+                self.progress.end(moving)
+
+    async def _upload_file(
+        self, local: LocalFile, base_rev: int, early: EarlySend | None, moving: Moving | None
+    ) -> FileEntry:
         unique = tuple(dict.fromkeys(c.hash for c in local.chunks))
         announced = False
         if early is not None and early.started:
@@ -260,9 +277,12 @@ class Transfer:
         elif missing:
             if not announced:
                 await self._announce(local, missing)
+            if moving is not None:  # what the server has already counts as done
+                sizes = {c.hash: c.size for c in local.chunks}
+                moving.done += sum(sizes[h] for h in unique if h not in missing)
             fd = await self._thread(self._open_to_read, local.path)
             try:
-                await self._send_chunks(fd, local, missing)
+                await self._send_chunks(fd, local, missing, moving)
             finally:
                 os.close(fd)
         # The server checked every chunk against its hash; make sure the file is still what we
@@ -322,7 +342,9 @@ class Transfer:
         finally:
             os.close(fd)
 
-    async def _send_chunks(self, fd: int, local: LocalFile, missing: set[str]) -> None:
+    async def _send_chunks(
+        self, fd: int, local: LocalFile, missing: set[str], moving: Moving | None
+    ) -> None:
         """Send the missing chunks, several at a time, within the shared byte budget."""
         in_flight = trio.Semaphore(CHUNKS_IN_FLIGHT)
         async with single_error(), trio.open_nursery() as nursery:
@@ -332,16 +354,26 @@ class Transfer:
                     missing.discard(chunk.hash)  # a chunk repeated in the file goes once
                     await in_flight.acquire()
                     await self._budget.acquire(chunk.size)
-                    nursery.start_soon(self._send_chunk, fd, chunk, offset, in_flight, local.path)
+                    nursery.start_soon(
+                        self._send_chunk, fd, chunk, offset, in_flight, local.path, moving
+                    )
                 offset += chunk.size
 
     async def _send_chunk(
-        self, fd: int, chunk: Chunk, offset: int, in_flight: trio.Semaphore, path: str
+        self,
+        fd: int,
+        chunk: Chunk,
+        offset: int,
+        in_flight: trio.Semaphore,
+        path: str,
+        moving: Moving | None,
     ) -> None:
         try:
             frame = await self._thread(self._read_frame, fd, chunk, offset)
             if not await self.batches.put(frame):
                 raise LocalChanged(f"{path}: changed since it was hashed")
+            if moving is not None:
+                moving.done += chunk.size
         finally:
             self._budget.release(chunk.size)
             in_flight.release()
@@ -401,6 +433,7 @@ class Transfer:
         if entry.size <= SMALL_DOWNLOAD and parked is None and not any(sources.values()):
             return await self._download_small(entry, expected)
         fetched = 0
+        moving: Moving | None = None
         # A fetch-ahead of this very content may be filling the partial file: its chunks are
         # all on the server now, so it ends soon, and what it wrote is kept.
         async with self._partials.claim(work):
@@ -411,6 +444,7 @@ class Transfer:
                     needed = await self._thread(
                         self._fill_locally, fd, entry.chunks, entry.size, sources, held
                     )
+                    moving = self.progress.begin(entry.path, DOWN, entry.size, _held(entry, needed))
                     if needed:
                         # A concurrent local deletion may have parked the whole file meanwhile.
                         parked = self._parking.take(entry.hash)
@@ -421,9 +455,12 @@ class Transfer:
                             needed = await self._thread(
                                 self._fill_locally, fd, entry.chunks, entry.size, {}, held
                             )
-                    fetched = await self._fetch_chunks(fd, entry, needed)
+                            moving.done = _held(entry, needed)
+                    fetched = await self._fetch_chunks(fd, needed, moving)
                     await self._thread(self._finish_file, fd, entry)
                 finally:
+                    if moving is not None:
+                        self.progress.end(moving)
                     if fd >= 0:
                         os.close(fd)
                 final = await self._thread(self._place, work, entry.path, expected)
@@ -476,12 +513,18 @@ class Transfer:
                         return 0  # committed and downloaded while we waited for the file
                     sources = {c.hash: self.index.chunk_sources(c.hash) for c in incoming.chunks}
                     fd, held = await self._open_work(work, None)
+                    moving: Moving | None = None
                     try:
                         needed = await self._thread(
                             self._fill_locally, fd, incoming.chunks, incoming.size, sources, held
                         )
-                        return await self._fetch_arriving(fd, needed, held)
+                        moving = self.progress.begin(
+                            incoming.path, DOWN, incoming.size, _held(incoming, needed)
+                        )
+                        return await self._fetch_arriving(fd, needed, held, moving)
                     finally:
+                        if moving is not None:
+                            self.progress.end(moving)
                         os.close(fd)
                         self._partials.filled_ahead[work] = trio.current_time()
             finally:
@@ -516,7 +559,7 @@ class Transfer:
                     await self._thread(unlink_quietly, other)
 
     async def _fetch_arriving(
-        self, fd: int, needed: dict[str, tuple[int, list[int]]], held: set[int]
+        self, fd: int, needed: dict[str, tuple[int, list[int]]], held: set[int], moving: Moving
     ) -> int:
         fetched = 0
         got: set[str] = set()
@@ -536,6 +579,7 @@ class Transfer:
             held.update(offsets)
             got.add(frame.hash)
             fetched += len(frame.payload)
+            moving.done += chunk_size * len(offsets)
 
         pending = deque(needed)  # in file order, the order the uploader sends them
 
@@ -683,7 +727,7 @@ class Transfer:
         return None
 
     async def _fetch_chunks(
-        self, fd: int, entry: FileEntry, needed: dict[str, tuple[int, list[int]]]
+        self, fd: int, needed: dict[str, tuple[int, list[int]]], moving: Moving
     ) -> int:
         fetched = 0
         in_flight = trio.Semaphore(CHUNKS_IN_FLIGHT)
@@ -694,6 +738,7 @@ class Transfer:
                 frame = await self.batches.fetch(hash, size)
                 await self._thread(_write_fetched, fd, frame, size, offsets)
                 fetched += len(frame.payload)
+                moving.done += size * len(offsets)
             finally:
                 self._budget.release(size)
                 in_flight.release()
@@ -895,3 +940,8 @@ def _partial_usage(folder: Path, besides: Path) -> tuple[int, int]:
                 with contextlib.suppress(FileNotFoundError):
                     held += entry.stat(follow_symlinks=False).st_size
     return held, _free_bytes(folder)
+
+
+def _held(file: FileEntry | Incoming, needed: dict[str, tuple[int, list[int]]]) -> int:
+    """The bytes of *file* in place already: all but those *needed*."""
+    return file.size - sum(size * len(offsets) for size, offsets in needed.values())
