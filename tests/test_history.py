@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -104,6 +105,35 @@ async def test_history_shows_each_version_and_restore_brings_one_back(
     assert (b / "notes/second.txt").read_text() == "second draft"
     gone = await cli("restore", note, "--rev", str(versions[0]["rev"]), check=False)
     assert gone.returncode != 0  # a deletion is not a version to bring back
+
+
+async def test_history_names_both_ends_of_a_rename(
+    start_client: Start, server: ServerHandle, tmp_path: Path
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    await first_run(a, server, tmp_path)
+    await start_client("a")
+    await start_client("b")
+    (a / "draft.txt").write_text("the report")
+    (a / "other.txt").write_text("deleted for good")
+    await in_sync(a, b)
+    (a / "archive").mkdir()
+    (a / "draft.txt").rename(a / "archive" / "report.txt")
+    (a / "other.txt").unlink()
+    await in_sync(a, b)
+
+    old = json.loads((await cli("history", a / "draft.txt", "--json")).stdout)["versions"]
+    assert old[0]["renamed_to"] == "archive/report.txt"
+    new = json.loads((await cli("history", a / "archive/report.txt", "--json")).stdout)
+    assert new["versions"][0]["renamed_from"] == "draft.txt"
+    assert (
+        "renamed from draft.txt" in (await cli("history", a / "archive/report.txt")).stdout.decode()
+    )
+    gone = json.loads((await cli("history", a / "other.txt", "--json")).stdout)["versions"]
+    assert "renamed_to" not in gone[0]  # a deletion alone is a deletion
+    folder = (await cli("history", a)).stdout.decode()
+    assert "draft.txt (renamed to archive/report.txt)" in folder
+    assert re.search(r"  other\.txt$", folder, re.MULTILINE)
 
 
 async def test_a_mass_delete_is_undone_in_one_command(

@@ -94,7 +94,8 @@ async def show_history(where: Where, as_json: bool) -> int:
         print(f"{'REV':>8}  {'WHEN':19}  {'BY':20}  PATH")
         for v in deleted:
             by = str(v.get("origin", ""))
-            print(f"{v['rev']:>8}  {_local(v['committed_at']):19}  {by:20}  {v['path']}")
+            moved = f" (renamed to {v['renamed_to']})" if v.get("renamed_to") else ""
+            print(f"{v['rev']:>8}  {_local(v['committed_at']):19}  {by:20}  {v['path']}{moved}")
     if not versions and not deleted:
         print(f"the server has kept nothing of {shown}")
     return 0
@@ -133,6 +134,10 @@ async def restore(
 
 def _what(version: dict[str, Any], older: dict[str, Any] | None) -> str:
     folder = version.get("kind") == "dir"
+    if version.get("renamed_to"):
+        return f"renamed to {version['renamed_to']}"
+    if version.get("renamed_from"):
+        return f"renamed from {version['renamed_from']}"
     if version.get("deleted"):
         return "deleted"
     if ".sync-conflict-" in str(version.get("path", "")) and older is None:

@@ -159,7 +159,10 @@ def _is_int(value: object) -> bool:
 
 
 def _kept(kept: Kept) -> dict[str, Any]:
-    return {**kept.entry.to_json(), "committed_at": kept.committed_at}
+    record = {**kept.entry.to_json(), "committed_at": kept.committed_at}
+    if kept.renamed is not None:
+        record["renamed_to" if kept.entry.deleted else "renamed_from"] = kept.renamed
+    return record
 
 
 def _same(a: FileEntry, b: FileEntry) -> bool:

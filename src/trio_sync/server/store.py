@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -79,12 +79,12 @@ class MetaStore(Protocol):
         ...
 
     async def history(self, path: str, limit: int) -> list[Kept]:
-        """The kept versions of *path*, newest first."""
+        """The kept versions of *path*, newest first, renames named (`Kept.renamed`)."""
         ...
 
     async def deleted_below(self, folder: str, limit: int) -> list[Kept]:
         """Paths below *folder* ("" for all) whose current version is a deletion, newest
-        first."""
+        first, renames named."""
         ...
 
     async def as_of(self, path: str, when: float, limit: int) -> list[FileEntry]:
@@ -105,6 +105,10 @@ class Kept:
 
     entry: FileEntry
     committed_at: float
+    #: For a file's creation, the path it was renamed from; for its deletion, the path it was
+    #: renamed to (a deletion and a creation of the same content by the same client, moments
+    #: apart: how a rename reaches the server).
+    renamed: str | None = None
 
 
 class ChunkBatch(Protocol):
@@ -173,6 +177,31 @@ CREATE TABLE IF NOT EXISTS version_chunks (hash TEXT NOT NULL, rev INTEGER NOT N
 CREATE INDEX IF NOT EXISTS version_chunks_by_hash ON version_chunks (hash);
 CREATE INDEX IF NOT EXISTS version_chunks_by_rev ON version_chunks (rev);
 """
+
+#: The version of a path before a revision: deleted, hash, size.
+_PREVIOUS = (
+    "SELECT deleted, hash, size FROM versions WHERE path = ? AND rev < ? ORDER BY rev DESC LIMIT 1"
+)
+#: The two ends of a rename are looked for this close to each other, by the same client.
+RENAME_REVS = 1000
+RENAME_SECONDS = 60.0
+_NEAR = "v.rev BETWEEN ? AND ? AND v.origin = ? AND v.path != ? AND v.committed_at BETWEEN ? AND ?"
+_BEFORE_IT = (
+    "(SELECT {} FROM versions q WHERE q.path = v.path AND q.rev < v.rev"
+    " ORDER BY q.rev DESC LIMIT 1)"
+)
+#: Where a deleted file went: its content created elsewhere (the path new, or deleted before).
+_RENAMED_TO = (
+    f"SELECT v.path FROM versions v WHERE {_NEAR} AND v.deleted = 0 AND v.kind != '{DIR}'"
+    f" AND v.hash = ? AND COALESCE({_BEFORE_IT.format('q.deleted')}, 1) = 1"
+    " ORDER BY abs(v.rev - ?) LIMIT 1"
+)
+#: Where a created file came from: a deletion of a path that held its content.
+_RENAMED_FROM = (
+    f"SELECT v.path FROM versions v WHERE {_NEAR} AND v.deleted = 1"
+    f" AND {_BEFORE_IT.format('CASE WHEN q.deleted THEN NULL ELSE q.hash END')} = ?"
+    " ORDER BY abs(v.rev - ?) LIMIT 1"
+)
 
 _COLUMNS = (
     "v.rev, v.path, v.deleted, v.kind, v.hash, v.size, v.chunks, v.executable, v.mtime_ns, v.origin"
@@ -431,7 +460,31 @@ class SQLiteMetaStore:
 
     def _kept(self, sql: str, params: tuple[Any, ...]) -> list[Kept]:
         rows = self._conn.execute(sql, params).fetchall()
-        return [Kept(_entry(row[:-1]), row[-1]) for row in rows]
+        return [self._renamed(Kept(_entry(row[:-1]), row[-1])) for row in rows]
+
+    def _renamed(self, kept: Kept) -> Kept:
+        """*kept* with the other end of its rename, if it is one end of one."""
+        entry = kept.entry
+        if entry.kind == DIR or (not entry.deleted and entry.size == 0):
+            return kept  # a folder, or an empty file: nothing tells one from another
+        conn = self._conn
+        before = conn.execute(_PREVIOUS, (entry.path, entry.rev)).fetchone()
+        created = before is None or before[0]
+        if not entry.deleted and not created:
+            return kept  # a change, neither end of a rename
+        if entry.deleted and created:
+            return kept  # deleted twice
+        window = (
+            entry.rev - RENAME_REVS, entry.rev + RENAME_REVS, entry.origin, entry.path,
+            kept.committed_at - RENAME_SECONDS, kept.committed_at + RENAME_SECONDS,
+        )  # fmt: skip
+        if entry.deleted:
+            if not before[2]:
+                return kept  # it was empty
+            other = conn.execute(_RENAMED_TO, (*window, before[1], entry.rev)).fetchone()
+        else:
+            other = conn.execute(_RENAMED_FROM, (*window, entry.hash, entry.rev)).fetchone()
+        return replace(kept, renamed=other[0]) if other else kept
 
     async def history(self, path: str, limit: int) -> list[Kept]:
         sql = (
