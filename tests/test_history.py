@@ -204,15 +204,27 @@ async def test_status_asks_the_running_client_and_says_what_holds_it(
     for i in range(30):
         (a / "docs").mkdir(parents=True, exist_ok=True)
         (a / "docs" / f"f{i:02d}.txt").write_text(f"file {i}")
+    (a / ".trio-syncignore").write_text("build/\n")
+    (a / "build").mkdir()
+    (a / "build" / "out.o").write_text("not synced")
     await first_run(a, server, tmp_path)
     client = await start_client("a")
     await start_client("b")
-    await in_sync(a, b)
+    await eventually(lambda: (b / "docs/f29.txt").exists())
+    assert not (b / "build").exists()
+    report = await client.engine.status()
+    with trio.fail_after(15):
+        while not report["in_sync"]:
+            await trio.sleep(0.05)
+            report = await client.engine.status()
     report = json.loads((await cli("status", a, "--json")).stdout)
     assert report["running"] is True
     assert report["connected"] is True
     assert report["in_sync"] is True
-    assert "in sync" in (await cli("status", a / "docs")).stdout.decode()  # from inside DIR
+    assert report["ignored"] == {"count": 1, "examples": ["build"]}
+    shown = (await cli("status", a / "docs")).stdout.decode()  # from inside DIR
+    assert "in sync" in shown
+    assert "ignored by .trio-syncignore: 1 (such as build)" in shown
     for i in range(20):
         (a / "docs" / f"f{i:02d}.txt").unlink()
     await eventually(lambda: (a / STATE_DIR_NAME / "held-deletes.json").exists())

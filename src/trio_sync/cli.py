@@ -505,6 +505,12 @@ def _describe(folder: Path, r: dict[str, Any]) -> str:
         lines.append(f"  failed: {path}: {why}")
     for path, why in sorted((r.get("skipped") or {}).items()):
         lines.append(f"  skipped: {path}: {why}")
+    ignored = r.get("ignored") or {}
+    if ignored.get("count"):
+        examples = ", ".join(ignored.get("examples") or [])
+        lines.append(
+            f"  ignored by .trio-syncignore: {ignored['count']:,} (such as {examples})"
+        )
     if r.get("conflicts"):
         lines.append(f"  {r['conflicts']} conflict copies: `trio-sync conflicts {folder}`")
     if r.get("last_error") and r.get("connected"):

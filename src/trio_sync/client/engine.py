@@ -711,6 +711,10 @@ class Engine:
             "failed": dict(self.failed),
             "skipped": dict(self._scanner.rejected)
             | dict.fromkeys(self._warned, "symlink or special file"),
+            "ignored": {
+                "count": len(self._scanner.ignored),
+                "examples": sorted(self._scanner.ignored)[:10],
+            },
             "held_deletes": held,
             "last_error": self._last_error,
         }

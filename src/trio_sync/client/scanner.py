@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import stat
@@ -40,6 +41,10 @@ class Unsyncable(TrioSyncError):
 
 class Ignored(TrioSyncError):
     """A path matched by the ignore rules."""
+
+
+#: How many ignored paths the scanner remembers for `trio-sync status`.
+MAX_IGNORED_KEPT = 10_000
 
 
 class StillWriting(LocalChanged):
@@ -164,6 +169,9 @@ class Scanner:
         #: Names that would be valid in NFC form; the engine renames them.
         self.denormalized: set[str] = set()
         self.ignore = IgnoreRules()
+        #: Paths the ignore rules kept out, as the walks since the last full one found them
+        #: (an ignored folder once, not what is in it); at most MAX_IGNORED_KEPT of them.
+        self.ignored: set[str] = set()
         self._big_files = trio.CapacityLimiter(offload.threads)
         #: Big files hashed while they were still being written (see `scan`).
         self._hashed_unsettled: set[str] = set()
@@ -296,9 +304,16 @@ class Scanner:
         """Every regular file and folder below the folders *unders* (wire paths; none: the whole
         synced folder). A path that is not a folder contributes nothing."""
         tops = unders or ("",)
-        return await self._offload.run_sync(lambda: [p for top in tops for p in self._walk(top)])
+        ignored: set[str] = set()  # filled in the thread, kept here on the Trio thread
+        found = await self._offload.run_sync(
+            lambda: [p for top in tops for p in self._walk(top, ignored)]
+        )
+        if not unders:
+            self.ignored = set()
+        self.ignored.update(itertools.islice(ignored, max(0, MAX_IGNORED_KEPT - len(self.ignored))))
+        return found
 
-    def _walk(self, under: str) -> list[str]:
+    def _walk(self, under: str, ignored: set[str]) -> list[str]:
         top = self.root / under if under else self.root
         found: list[str] = []
         stack = [top]
@@ -327,6 +342,8 @@ class Scanner:
                     continue
                 self.rejected.pop(rel, None)
                 if self.ignore.ignored(rel, is_dir=entry.is_dir(follow_symlinks=False)):
+                    if len(ignored) < MAX_IGNORED_KEPT:
+                        ignored.add(rel)
                     continue
                 if entry.is_symlink():
                     log.warning("skipping %s: symlinks are not synced", rel)
