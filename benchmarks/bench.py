@@ -32,7 +32,9 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import syncthing
 from blake3 import blake3
+from report import cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 # Where the hand-written analysis starts in docs/benchmarks.md; a new run keeps it.
@@ -53,6 +55,8 @@ def fill(path: Path, size: int, seed: str) -> None:
 class Workload:
     name: str
     make: Callable[[Path], None]
+    #: What the CPU table divides by: a unit, and how many of it the workload is.
+    per: tuple[str, float] = ("", 0.0)
 
 
 def small_files(root: Path, count: int) -> None:
@@ -74,8 +78,16 @@ def workloads(quick: bool) -> list[Workload]:
     mixed = 100 if quick else 1000
     largest = 8 * MiB if quick else 64 * MiB
     return [
-        Workload(f"one file of {big // MiB} MiB", lambda d: fill(d / "big.bin", big, "big")),
-        Workload(f"{count} files of 4 KiB in 100 folders", lambda d: small_files(d, count)),
+        Workload(
+            f"one file of {big // MiB} MiB",
+            lambda d: fill(d / "big.bin", big, "big"),
+            ("s per GiB", big / GiB),
+        ),
+        Workload(
+            f"{count} files of 4 KiB in 100 folders",
+            lambda d: small_files(d, count),
+            ("ms per file", count / 1000),
+        ),
         Workload(
             f"{mixed} files, 4 KiB to {largest // MiB} MiB (log-uniform)",
             lambda d: mixed_files(d, mixed, largest),
@@ -131,7 +143,7 @@ EDITS = [
 
 def synced_files(root: Path) -> Iterator[Path]:
     for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d != ".trio-sync"]
+        dirs[:] = [d for d in dirs if d not in (".trio-sync", syncthing.MARKER)]
         yield from (Path(folder) / name for name in files)
 
 
@@ -249,18 +261,18 @@ class Ours:
             traffic = json.load(response)["traffic"]
         return int(traffic["bytes_in"]), int(traffic["bytes_out"])
 
+    @property
+    def pids(self) -> dict[str, int]:
+        return {"a": self.client_a.pid, "server": self.server.pid, "b": self.client_b.pid}
+
     def sync(self, change: Callable[[], None]) -> Result:
-        """Apply *change* in A; seconds until B matches A, and the bytes each way meanwhile."""
+        """Apply *change* in A; seconds until B matches A, the bytes each way meanwhile, and
+        each process's CPU seconds."""
         in_before, out_before = self.wire_bytes()
-        os.sync()
-        start = time.perf_counter()
-        change()
-        expected = tree_stats(self.a)
-        wait_for(lambda: tree_stats(self.b) == expected, 3600, "sync")
-        elapsed = time.perf_counter() - start
+        result = timed(change, self.a, self.b, self.pids, lambda: True)
         in_after, out_after = self.wire_bytes()
         up, down = in_after - in_before, out_after - out_before
-        return {"seconds": elapsed, "up": up, "down": down, "bytes": up + down}
+        return result | {"up": up, "down": down, "bytes": up + down}
 
     def peak_rss(self) -> dict[str, float]:
         return {
@@ -273,6 +285,46 @@ class Ours:
         self.procs.stop()
         if tree_digest(self.a) != tree_digest(self.b):
             raise AssertionError("A and B differ after sync")
+
+
+def timed(
+    change: Callable[[], None],
+    a: Path,
+    b: Path,
+    pids: dict[str, int],
+    settled: Callable[[], bool],
+) -> Result:
+    """Apply *change* in *a*; seconds until *b* matches it and *settled* holds, and the CPU
+    seconds each of *pids* used meanwhile (`cpu_` + its name)."""
+    os.sync()  # no run pays for writing back what an earlier step left in the page cache
+    cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    start = time.perf_counter()
+    change()
+    expected = tree_stats(a)
+    wait_for(lambda: tree_stats(b) == expected and settled(), 3600, "sync")
+    elapsed = time.perf_counter() - start
+    return {"seconds": elapsed} | {
+        f"cpu_{name}": cpu_seconds(pid) - cpu[name] for name, pid in pids.items()
+    }
+
+
+class Syncthing:
+    """Two local Syncthing instances (benchmarks/syncthing.py) on empty folders: measured the
+    same way as ours, done when B holds A's files and both say the folder is idle."""
+
+    def __init__(self, work: Path) -> None:
+        self.a, self.b = work / "st-a", work / "st-b"
+        self.pair = syncthing.Pair(work, self.a, self.b)
+        self.pair.start()
+
+    def sync(self, change: Callable[[], None]) -> Result:
+        pids = {"st_a": self.pair.pids["Syncthing A"], "st_b": self.pair.pids["Syncthing B"]}
+        return timed(change, self.a, self.b, pids, self.pair.in_sync)
+
+    def close(self) -> None:
+        self.pair.stop()
+        if tree_digest(self.a) != tree_digest(self.b):
+            raise AssertionError("Syncthing's A and B differ after sync")
 
 
 class Rsync:
@@ -331,10 +383,21 @@ def _listening(port: int) -> bool:
 
 
 def measure_workload(workload: Workload) -> tuple[Result, Result | None]:
+    """Ours (with Syncthing's figures merged in as `st_*`) and rsync's."""
     with tempfile.TemporaryDirectory(prefix="trio-sync-bench-") as tmp:
         work = Path(tmp)
         staging = work / "staging"
         workload.make(staging)
+        theirs: Result = {}
+        if syncthing.installed():
+            workload.make(work / "st-staging")
+            st = Syncthing(work)
+            try:
+                theirs = st.sync(lambda: os.rename(work / "st-staging", st.a / "data"))
+            finally:
+                st.close()
+            shutil.rmtree(st.a)
+            shutil.rmtree(st.b)
         peer: Result | None = None
         if shutil.which("rsync"):
             rsync = Rsync(work)
@@ -354,6 +417,7 @@ def measure_workload(workload: Workload) -> tuple[Result, Result | None]:
             result.update(ours.peak_rss())
         finally:
             ours.close()
+        result.update({f"st_{k}" if k == "seconds" else k: v for k, v in theirs.items()})
         return result, peer
 
 
@@ -367,10 +431,14 @@ def measure_edits(quick: bool) -> list[tuple[str, Result, Result | None]]:
             edit_tree(rsync_source, quick)
             rsync = Rsync(work)
             rsync.send(rsync_source)  # the synced starting point, not timed
+        st = Syncthing(work) if syncthing.installed() else None
         ours = Ours(work)
         try:
             edit_tree(work / "staging", quick)
             ours.sync(lambda: os.rename(work / "staging", ours.a / "data"))
+            if st is not None:
+                edit_tree(work / "st-staging", quick)
+                st.sync(lambda: os.rename(work / "st-staging", st.a / "data"))
             for edit in EDITS:
                 peer = None
                 if rsync is not None:
@@ -378,11 +446,18 @@ def measure_edits(quick: bool) -> list[tuple[str, Result, Result | None]]:
                     seconds, wire = rsync.send(rsync_source)
                     peer = {"seconds": seconds, "bytes": wire}
                 result = ours.sync(partial(edit.apply, ours.a / "data"))
+                if st is not None:
+                    theirs = st.sync(partial(edit.apply, st.a / "data"))
+                    result.update(
+                        {f"st_{k}" if k == "seconds" else k: v for k, v in theirs.items()}
+                    )
                 rows.append((edit.name, result, peer))
                 print(f"{edit.name}: {result}; rsync {peer}", flush=True)
             rss = ours.peak_rss()
         finally:
             ours.close()
+            if st is not None:
+                st.close()
             if rsync is not None:
                 rsync.close()
     for _, result, _ in rows:
@@ -396,12 +471,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
     rows: list[Row] = []
+    per: dict[str, tuple[str, float]] = {}
     for workload in workloads(args.quick):
         ours, peer = measure_workload(workload)
         rows.append((workload.name, ours, peer))
+        per[workload.name] = workload.per
         print(f"{workload.name}: {ours}; rsync {peer}", flush=True)
     edits = measure_edits(args.quick)
-    write_report(args.out, rows, edits, quick=args.quick)
+    write_report(args.out, rows, edits, per, quick=args.quick)
 
 
 Row = tuple[str, Result, Result | None]
@@ -417,19 +494,23 @@ def _ratio(ours: float, peer: float | None) -> str:
 
 def _table(rows: list[Row]) -> list[str]:
     lines = [
-        "| workload | trio-sync A→B | rsync (1 hop) | time ratio | rsync --fsync | A→server"
-        " | server→B | rsync (1 hop) | upload hop / rsync | peak RSS server | A | B |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| workload | trio-sync A→B | rsync (1 hop) | time ratio | rsync --fsync | Syncthing"
+        " | ours / Syncthing | A→server | server→B | rsync (1 hop) | upload hop / rsync"
+        " | peak RSS server | A | B |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, ours, peer in rows:
         peer_seconds = peer["seconds"] if peer else None
         peer_bytes = peer["bytes"] if peer else None
         fsync_seconds = peer.get("fsync_seconds") if peer else None
+        st_seconds = ours.get("st_seconds")
         lines.append(
             f"| {name} | {ours['seconds']:.2f} s"
             f" | {f'{peer_seconds:.2f} s' if peer_seconds else 'n/a'}"
             f" | {_ratio(ours['seconds'], peer_seconds)}"
             f" | {f'{fsync_seconds:.2f} s' if fsync_seconds else '-'}"
+            f" | {f'{st_seconds:.2f} s' if st_seconds else 'n/a'}"
+            f" | {_ratio(ours['seconds'], st_seconds)}"
             f" | {_mib(ours['up'])} | {_mib(ours['down'])}"
             f" | {_mib(peer_bytes) if peer_bytes else 'n/a'}"
             f" | {_ratio(ours['up'], peer_bytes)}"
@@ -438,7 +519,37 @@ def _table(rows: list[Row]) -> list[str]:
     return lines
 
 
-def write_report(out: Path, rows: list[Row], edits: list[Row], *, quick: bool) -> None:
+def _cpu_table(rows: list[Row], per: dict[str, tuple[str, float]]) -> list[str]:
+    names = ("cpu_a", "cpu_server", "cpu_b", "cpu_st_a", "cpu_st_b")
+    lines = [
+        "| workload | A | server | B | Syncthing A | Syncthing B |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, ours, _ in rows:
+        unit, count = per.get(name, ("", 0.0))
+        cells = []
+        for key in names:
+            if key not in ours:
+                cells.append("n/a")
+                continue
+            text = f"{ours[key]:.2f} s"
+            if unit == "s per GiB":
+                text += f" ({ours[key] / count:.2f} s per GiB)"
+            elif unit == "ms per file":
+                text += f" ({ours[key] / count:.2f} ms per file)"
+            cells.append(text)
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    return lines
+
+
+def write_report(
+    out: Path,
+    rows: list[Row],
+    edits: list[Row],
+    per: dict[str, tuple[str, float]],
+    *,
+    quick: bool,
+) -> None:
     lines = [
         "# Benchmarks",
         "",
@@ -468,6 +579,11 @@ def write_report(out: Path, rows: list[Row], edits: list[Row], *, quick: bool) -
         " edits, rsync first copies the same starting tree (untimed), then each edit is applied"
         " to its source and sent again. Install it with `apt-get install rsync`; without it the"
         " peer columns say n/a.",
+        "- Syncthing, where installed (`apt-get install syncthing`): two local instances on"
+        " loopback (benchmarks/syncthing.py: discovery, relays, NAT and upgrades off,"
+        " `fsWatcherDelayS=1`), measured the same way on their own folders; done when B holds"
+        " A's files and both instances' REST status says the folder is idle with nothing needed."
+        " One hop, like rsync; its own durability rules.",
         "- `rsync --fsync` is context, not the targets' peer: the same one-hop copy into an empty"
         " folder again, with every written file fsynced as ours are (workloads only).",
         "- Peak RSS is each process's `VmHWM` from `/proc/PID/status`; for the edits it covers"
@@ -484,6 +600,13 @@ def write_report(out: Path, rows: list[Row], edits: list[Row], *, quick: bool) -
         "The tree: the big file, a 100 MiB file and a folder of 1,000 files of 4 KiB.",
         "",
         *_table(edits),
+        "",
+        "## CPU per process",
+        "",
+        "User plus system CPU seconds each process used from the change until B matched A"
+        " (`/proc/PID/stat`), with the per-GiB or per-file figure where the workload has one.",
+        "",
+        *_cpu_table(rows + edits, per),
         "",
     ]
     text = "\n".join(lines) + "\n"

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import syncthing
-from report import percentile, write_section
+from report import cpu_seconds, percentile, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- latency: written by benchmarks/latency.py -->", "<!-- /latency -->"
@@ -231,12 +231,6 @@ def measure(a: Path, b: Path, samples: int, append_samples: int) -> dict[str, li
 
     run("append 1 MiB to a 100 MiB file", append_samples, append)
     return results
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of process *pid* so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def idle_cpu(

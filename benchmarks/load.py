@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 import trio
-from report import percentile, write_section
+from report import cpu_seconds, percentile, write_section
 
 from trio_sync.server.tokens import TokenStore
 
@@ -102,12 +102,6 @@ def rss_mib(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def drive(

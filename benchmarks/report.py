@@ -1,8 +1,9 @@
-"""What the benchmark scripts share: percentiles, and replacing one marked section of
-docs/benchmarks.md while keeping the rest of the file."""
+"""What the benchmark scripts share: percentiles, CPU time from /proc, and replacing one marked
+section of docs/benchmarks.md while keeping the rest of the file."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -20,3 +21,9 @@ def write_section(out: Path, start: str, end: str, lines: list[str]) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     out.write_text(text)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process *pid* so far, from `/proc`."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

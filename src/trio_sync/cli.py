@@ -508,9 +508,7 @@ def _describe(folder: Path, r: dict[str, Any]) -> str:
     ignored = r.get("ignored") or {}
     if ignored.get("count"):
         examples = ", ".join(ignored.get("examples") or [])
-        lines.append(
-            f"  ignored by .trio-syncignore: {ignored['count']:,} (such as {examples})"
-        )
+        lines.append(f"  ignored by .trio-syncignore: {ignored['count']:,} (such as {examples})")
     if r.get("conflicts"):
         lines.append(f"  {r['conflicts']} conflict copies: `trio-sync conflicts {folder}`")
     if r.get("last_error") and r.get("connected"):

@@ -56,10 +56,18 @@ from .early import EarlySend
 from .guard import DeleteGuard, DeletionsHeld, GuardLimits
 from .index import BaseEntry, Index, StatKey, is_racy
 from .landing import Landing
-from .progress import DOWN, UP, Progress
+from .progress import DELETED, DOWN, UP, Progress
 from .queue import PathQueue
 from .remote import Remote, connect
-from .scanner import Ignored, LocalFile, Scanner, StillWriting, Unsyncable, anchored
+from .scanner import (
+    Ignored,
+    LocalFile,
+    Scanner,
+    StillWriting,
+    Unsyncable,
+    anchored,
+    stat_key,
+)
 from .transfer import (
     PARTIAL_DIR,
     PARTIAL_KEEP_SECONDS,
@@ -650,7 +658,7 @@ class Engine:
                 raise FolderNotEmpty(path, [p[len(path) + 1 :] for p in below])
             self._know(await transfer.delete_remote(path, decision.base_rev))
             log.info("deleted %s on the server (%s)", path, why)
-            self.progress.count("deleted", 0)
+            self.progress.count(DELETED, 0)
         elif action is Action.DOWNLOAD:
             assert remote is not None
             fetched = await transfer.download(remote, local)
@@ -668,7 +676,7 @@ class Engine:
             assert local is not None
             await transfer.delete_local(path, local)
             log.info("deleted %s locally (%s)", path, why)
-            self.progress.count("deleted", 0)
+            self.progress.count(DELETED, 0)
         elif action is Action.CONFLICT:
             assert local is not None
             assert remote is not None
@@ -721,12 +729,13 @@ class Engine:
 
     async def _waiting(self) -> tuple[dict[str, int], dict[str, int]]:
         """Files and bytes waiting to go up and down. Down: what the server has newer than our
-        base. Up: the other waiting paths that are files here (sized by a look at each, for
-        the first STATUS_LOOKS of them). A path being worked on is not waiting."""
+        base. Up: the other waiting paths that are files here changed since they were synced
+        (a look at each, for the first STATUS_LOOKS of them). A path being worked on is not
+        waiting."""
         if self.remote_state is None or self._index is None:
             return {"files": 0, "bytes": 0}, {"files": 0, "bytes": 0}
         down = {"files": 0, "bytes": 0}
-        others: list[str] = []
+        others: list[tuple[str, StatKey | None]] = []
         for path in self.queue.waiting():
             remote, base = self.remote_state.get(path), self.index.get(path)
             if (
@@ -738,14 +747,15 @@ class Engine:
                 down["files"] += 1
                 down["bytes"] += remote.size
             elif len(others) < STATUS_LOOKS:
-                others.append(path)
+                others.append((path, base.stat_key if base else None))
 
         def sizes() -> list[int]:
+            """The sizes of those that are files, changed since they were synced."""
             found = []
-            for path in others:
+            for path, synced in others:
                 with contextlib.suppress(OSError, TrioSyncError), anchored(self.root, path) as p:
                     st = os.lstat(p)
-                    if S_ISREG(st.st_mode):
+                    if S_ISREG(st.st_mode) and stat_key(st) != synced:
                         found.append(st.st_size)
             return found
 

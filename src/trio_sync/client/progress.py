@@ -34,7 +34,7 @@ SHOW_MIN = 4 * 1024 * 1024
 REDRAW_EVERY = 0.2
 LOG_EVERY = 10.0
 
-UP, DOWN = "up", "down"
+UP, DOWN, DELETED = "up", "down", "deleted"
 
 
 @dataclass
@@ -99,8 +99,8 @@ class Progress:
             for what, label in ((UP, "up"), (DOWN, "down"))
             if self.files[what]
         ]
-        if self.files["deleted"]:
-            parts.append(f"{self.files['deleted']:,} deleted")
+        if self.files[DELETED]:
+            parts.append(f"{self.files[DELETED]:,} deleted")
         if not parts:
             return ""
         if self._reset_at is not None:
