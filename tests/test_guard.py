@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from trio_sync.client.guard import HELD_FILE, DeleteGuard, DeletionsHeld, GuardLimits, confirm
+from trio_sync.client.index import StatKey
 from trio_sync.core.offload import Offload
 from trio_sync.protocol.paths import STATE_DIR_NAME
 
@@ -95,6 +96,26 @@ async def test_putting_the_files_back_lets_the_guard_go(
     assert len(tree(b)) == FILES + 1
 
 
+async def test_a_folder_renamed_or_moved_inside_is_not_a_mass_delete(
+    start_client: Start, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    fill(a)
+    write(a / "other.txt", "stays")
+    await start_client("a")
+    await start_client("b")
+    await in_sync(a, b)
+    (a / "docs").rename(a / "docs 2026")  # every synced file but one: deleted at its old path
+    await in_sync(a, b)
+    (a / "archive").mkdir()
+    (a / "docs 2026").rename(a / "archive" / "docs")
+    await in_sync(a, b)
+    assert sorted(tree(b)) == sorted(
+        ["other.txt", *(f"archive/docs/f{i:02d}.txt" for i in range(FILES))]
+    )
+    assert not [r for r in caplog.records if "NOT deleting" in r.getMessage()]
+
+
 async def test_the_thresholds_can_be_raised(start_client: Start, tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     fill(a)
@@ -143,7 +164,8 @@ async def test_a_confirmed_mass_delete_keeps_flowing_past_the_window(tmp_path: P
     state.mkdir(parents=True)
     names = [f"f{i:02d}" for i in range(30)]
     async with Offload(1).running() as offload:
-        guard = DeleteGuard(root, state, lambda: names, offload, GuardLimits(window=0.3))
+        synced = dict.fromkeys(names, StatKey(1, 0, 0, False))
+        guard = DeleteGuard(root, state, lambda: synced, offload, GuardLimits(window=0.3))
         with pytest.raises(DeletionsHeld):
             await guard.allow(names[0])  # none of them exist: all 30 are gone
         async with trio.open_nursery() as nursery:
@@ -169,5 +191,5 @@ async def test_a_new_run_drops_the_record_of_an_earlier_hold(tmp_path: Path) -> 
     state.mkdir()
     (state / HELD_FILE).write_text('{"reason": "from an earlier run"}')
     async with Offload(1).running() as offload:
-        DeleteGuard(tmp_path, state, list, offload, GuardLimits())
+        DeleteGuard(tmp_path, state, dict, offload, GuardLimits())
     assert not (state / HELD_FILE).exists()

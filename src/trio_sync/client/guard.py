@@ -4,6 +4,9 @@ A deletion on one machine (an unmounted disk, a wiped folder, a script gone wron
 spread to every other folder. Before this client sends a deletion it asks the guard, which
 looks at how many of the files last synced are gone from the folder now (a survey: one lstat
 each, at most once a second while deletions flow) plus those deleted within the last minute.
+A file that is missing at its path but is in the folder under another name (the same inode,
+size and modification time: it was renamed or moved, a folder with it) is not gone: renaming a
+big folder deletes every old path, and loses nothing.
 Past a threshold (more than half of the synced files, more than 1,000 files, or the folder
 itself gone or replaced) no deletion is sent until the user confirms with
 `trio-sync confirm-deletes DIR`, which leaves a file in the state folder, or the files come back.
@@ -18,13 +21,15 @@ import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import trio
 
 from ..core.offload import Offload
 from ..errors import TrioSyncError
+from ..protocol.paths import is_state_dir
+from .index import StatKey
 
 log = logging.getLogger("trio_sync.client")
 
@@ -60,6 +65,9 @@ class Survey:
     gone: int  # of them, missing from the folder now, plus those deleted within the window
     folder_gone: bool  # the synced folder is missing or is another folder than at start
     examples: tuple[str, ...]
+    #: Synced files missing at their path now, and those of them moved within the folder.
+    missing: frozenset[str] = frozenset()
+    moved: frozenset[str] = frozenset()
 
 
 class DeleteGuard:
@@ -67,7 +75,7 @@ class DeleteGuard:
         self,
         root: Path,
         state_dir: Path,
-        synced_files: Callable[[], list[str]],
+        synced_files: Callable[[], dict[str, StatKey]],
         offload: Offload,
         limits: GuardLimits,
     ) -> None:
@@ -95,7 +103,10 @@ class DeleteGuard:
         now = trio.current_time()
         if self.reason is None and count and now >= self._confirmed_until:
             survey = await self._surveyed(now)
-            reason = self._too_many(survey)
+            if path not in survey.missing:  # older than this deletion
+                survey = await self._surveyed(now, fresh=True)
+            count = path not in survey.moved  # a rename's old name: nothing is lost
+            reason = self._too_many(survey) if count else None
             if reason is not None and self.reason is None:
                 if await self._offload.run_sync(self._take_confirmation):
                     log.warning("deletions confirmed with confirm-deletes: sending them")
@@ -151,16 +162,20 @@ class DeleteGuard:
                 survey = await self._offload.run_sync(self._count, self._synced_files())
                 self._survey = (trio.current_time(), survey)
         recent = len(self._sent)
-        return Survey(
-            survey.files + recent, survey.gone + recent, survey.folder_gone, survey.examples
-        )
+        return replace(survey, files=survey.files + recent, gone=survey.gone + recent)
 
-    def _count(self, files: list[str]) -> Survey:
+    def _count(self, files: dict[str, StatKey]) -> Survey:
         if _identity(self._root) != self._identity:
             return Survey(len(files), len(files), True, ())
         root = os.fspath(self._root)
-        gone = [p for p in files if not os.path.lexists(f"{root}/{p}")]
-        return Survey(len(files), len(gone), False, tuple(gone[:5]))
+        missing = {p: key for p, key in files.items() if not os.path.lexists(f"{root}/{p}")}
+        # Looking for them elsewhere reads every folder: only when they might be too many.
+        moved = _moved(self._root, missing) if len(missing) >= self.limits.min_files else set()
+        gone = [p for p in missing if p not in moved]
+        return Survey(
+            len(files) - len(moved), len(gone), False, tuple(gone[:5]),
+            frozenset(missing), frozenset(moved),
+        )  # fmt: skip
 
     def _hold(self, reason: str, survey: Survey) -> None:
         self.reason = reason
@@ -206,6 +221,44 @@ def confirm(state_dir: Path) -> dict[str, object] | None:
     except (OSError, ValueError):
         return None
     return held
+
+
+def _moved(root: Path, missing: dict[str, StatKey]) -> set[str]:
+    """Those of the *missing* files that are in the folder under another name: a file with the
+    same inode, size and modification time (a rename keeps all three). Blocking."""
+    by_inode: dict[int, list[tuple[str, StatKey]]] = {}
+    for path, key in missing.items():
+        by_inode.setdefault(key.inode, []).append((path, key))
+    moved: set[str] = set()
+    top = os.fspath(root)
+    folders = [top]
+    while folders and by_inode:
+        folder = folders.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue  # gone meanwhile, or not readable: what is in it does not count
+        for entry in entries:
+            if folder == top and is_state_dir(entry.name):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                folders.append(entry.path)
+                continue
+            candidates = by_inode.get(entry.inode())
+            if not candidates:
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            for path, key in candidates:
+                if (st.st_size, st.st_mtime_ns) == (key.size, key.mtime_ns):
+                    moved.add(path)
+                    candidates.remove((path, key))
+                    break
+            if not candidates:
+                del by_inode[entry.inode()]
+    return moved
 
 
 def _identity(root: Path) -> tuple[int, int] | None:

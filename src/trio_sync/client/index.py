@@ -158,9 +158,9 @@ class Index:
     def paths(self) -> list[str]:
         return list(self._entries)
 
-    def files(self) -> list[str]:
-        """The synced files (no folders)."""
-        return [p for p, e in self._entries.items() if not e.is_dir]
+    def files(self) -> dict[str, StatKey]:
+        """The synced files (no folders), each with its stat when it was synced."""
+        return {p: e.stat_key for p, e in self._entries.items() if not e.is_dir}
 
     async def put(self, entry: BaseEntry) -> None:
         chunks = json.dumps([[c.hash, c.size] for c in entry.chunks])
