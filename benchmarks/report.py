@@ -3,6 +3,7 @@ section of docs/benchmarks.md while keeping the rest of the file."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -24,6 +25,16 @@ def write_section(out: Path, start: str, end: str, lines: list[str]) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of process *pid* so far, from `/proc`."""
+    """User plus system CPU time of process *pid* and its living descendants so far, from
+    `/proc` (Syncthing runs as a monitor process and a child that does the work)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        for child in children:
+            with contextlib.suppress(OSError):  # the child ended meanwhile
+                total += cpu_seconds(int(child))
+    return total
