@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
@@ -34,7 +34,9 @@ from pathlib import Path
 
 import syncthing
 from blake3 import blake3
-from report import cpu_seconds
+from links import Links
+from links import available as links_available
+from report import cpu_seconds, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 # Where the hand-written analysis starts in docs/benchmarks.md; a new run keeps it.
@@ -178,9 +180,11 @@ class Procs:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, *args: str, log: Path) -> subprocess.Popen[bytes]:
+    def start(self, *args: str, log: Path, prefix: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+        """`trio-sync ARGS`, after *prefix* (`ip netns exec NS`, which execs: same pid)."""
         out = open(log, "wb")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen([sys.executable, "-m", "trio_sync", *args], stdout=out, stderr=out)
+        argv = [*prefix, sys.executable, "-m", "trio_sync", *args]
+        proc = subprocess.Popen(argv, stdout=out, stderr=out)
         self.procs.append(proc)
         return proc
 
@@ -223,29 +227,46 @@ Result = dict[str, float]
 
 
 class Ours:
-    """A server and two live clients, A and B, as real processes on loopback."""
+    """A server and two live clients, A and B, as real processes: on loopback, or each client
+    in its own namespace with its own link to the server's (*links*, over TLS as any server
+    reached from another machine is)."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, links: Links | None = None) -> None:
         self.work, self.a, self.b = work, work / "a", work / "b"
+        self.links = links
         self.procs = Procs()
         try:
-            self.server = self.procs.start(
-                "server", "--data-dir", str(work / "server"), "--port", "0", "--token", "bench",
-                log=work / "server.log",
-            )  # fmt: skip
-            pattern = re.compile(rb"--server (http://\S+)")
             log = work / "server.log"
+            if links is None:
+                self.server = self.procs.start(
+                    "server", "--data-dir", str(work / "server"), "--port", "0", "--token",
+                    "bench", log=log,
+                )  # fmt: skip
+                pattern = re.compile(rb"--server (http://\S+)")
+            else:
+                self.server = self.procs.start(
+                    "server", "--data-dir", str(work / "server"), "--host", "0.0.0.0", "--port",
+                    "0", "--token", "bench", log=log, prefix=links.command(links.SERVER, []),
+                )  # fmt: skip
+                pattern = re.compile(rb"--server https://\S+:(\d+) --fingerprint (SHA256:\S+)")
             wait_for(lambda: pattern.search(log.read_bytes()) is not None, 30, "server")
             match = pattern.search(log.read_bytes())
             assert match
-            self.url = match[1].decode()
-            common = ["--server", self.url, "--token", "bench"]
-            self.client_a = self.procs.start(
-                "client", str(self.a), *common, "--name", "A", log=work / "a.log"
-            )
-            self.client_b = self.procs.start(
-                "client", str(self.b), *common, "--name", "B", log=work / "b.log"
-            )
+            clients = []
+            for name, root in (("A", self.a), ("B", self.b)):
+                if links is None:
+                    self.url = match[1].decode()
+                    where = ["--server", self.url]
+                    prefix: list[str] = []
+                else:
+                    address = links.server_address(name.lower())
+                    where = ["--server", f"https://{address}:{match[1].decode()}",
+                             "--fingerprint", match[2].decode()]  # fmt: skip
+                    prefix = links.command(links.namespace(name.lower()), [])
+                args = ["client", str(root), *where, "--token", "bench", "--name", name]
+                out = work / f"{name.lower()}.log"
+                clients.append(self.procs.start(*args, log=out, prefix=prefix))
+            self.client_a, self.client_b = clients
             for client_log in (work / "a.log", work / "b.log"):
                 wait_for(partial(_contains, client_log, b"in sync"), 30, "clients")
         except BaseException:
@@ -253,7 +274,10 @@ class Ours:
             raise
 
     def wire_bytes(self) -> tuple[int, int]:
-        """(bytes received by the server, bytes it sent): HTTP bodies, as it counts them."""
+        """(bytes received by the server, bytes it sent): HTTP bodies, as it counts them.
+        Only on loopback (the namespaces' addresses are not reachable from here)."""
+        if self.links is not None:
+            return 0, 0
         request = urllib.request.Request(
             self.url + "/info", headers={"Authorization": "Bearer bench"}
         )
@@ -328,9 +352,10 @@ class Syncthing:
 
 
 class Rsync:
-    """An rsync daemon on loopback serving an empty folder; `send` copies into it, one hop."""
+    """An rsync daemon serving an empty folder; `send` copies into it, one hop: on loopback, or
+    from client A's namespace to the server's over A's link (*links*)."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, links: Links | None = None) -> None:
         self.dest = work / "rsync-dst"
         self.dest.mkdir()
         port = free_port()
@@ -339,19 +364,31 @@ class Rsync:
             f"use chroot = no\npid file = {work / 'rsyncd.pid'}\n[bench]\npath = {self.dest}\n"
             "read only = no\nuid = root\ngid = root\n"
         )
+        address = "127.0.0.1" if links is None else links.server_address("a")
         self.daemon = subprocess.Popen(
-            ["rsync", "--daemon", "--no-detach", f"--config={conf}", f"--port={port}",
-             "--address=127.0.0.1"],
+            [*(links.command(links.SERVER, []) if links else []), "rsync", "--daemon",
+             "--no-detach", f"--config={conf}", f"--port={port}", f"--address={address}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        self.url = f"rsync://127.0.0.1:{port}/bench/"
-        wait_for(lambda: _listening(port), 10, "rsync daemon")
+        self.prefix = links.command(links.namespace("a"), []) if links else []
+        self.url = f"rsync://{address}:{port}/bench/"
+        wait_for(lambda: self._listening(port), 10, "rsync daemon")
+
+    def _listening(self, port: int) -> bool:
+        if not self.prefix:
+            return _listening(port)
+        probe = "import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 1)"
+        host = self.url.split("//")[1].split(":")[0]
+        done = subprocess.run(
+            [*self.prefix, sys.executable, "-c", probe, host, str(port)], capture_output=True
+        )
+        return done.returncode == 0
 
     def send(self, source: Path, *flags: str) -> tuple[float, int]:
         os.sync()  # no run pays for writing back what an earlier step left in the page cache
         start = time.perf_counter()
         done = subprocess.run(
-            ["rsync", "-a", "--delete", "--stats", *flags, f"{source}/", self.url],
+            [*self.prefix, "rsync", "-a", "--delete", "--stats", *flags, f"{source}/", self.url],
             check=True, capture_output=True, text=True,
         )  # fmt: skip
         elapsed = time.perf_counter() - start
@@ -382,14 +419,16 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def measure_workload(workload: Workload) -> tuple[Result, Result | None]:
-    """Ours (with Syncthing's figures merged in as `st_*`) and rsync's."""
+def measure_workload(
+    workload: Workload, links: Links | None = None
+) -> tuple[Result, Result | None]:
+    """Ours (with Syncthing's figures merged in as `st_*`, on loopback) and rsync's."""
     with tempfile.TemporaryDirectory(prefix="trio-sync-bench-") as tmp:
         work = Path(tmp)
         staging = work / "staging"
         workload.make(staging)
         theirs: Result = {}
-        if syncthing.installed():
+        if syncthing.installed() and links is None:
             workload.make(work / "st-staging")
             st = Syncthing(work)
             try:
@@ -400,7 +439,7 @@ def measure_workload(workload: Workload) -> tuple[Result, Result | None]:
             shutil.rmtree(st.b)
         peer: Result | None = None
         if shutil.which("rsync"):
-            rsync = Rsync(work)
+            rsync = Rsync(work, links)
             try:
                 seconds, wire = rsync.send(staging)
                 peer = {"seconds": seconds, "bytes": wire}
@@ -411,7 +450,7 @@ def measure_workload(workload: Workload) -> tuple[Result, Result | None]:
             finally:
                 rsync.close()
             shutil.rmtree(rsync.dest)
-        ours = Ours(work)
+        ours = Ours(work, links)
         try:
             result = ours.sync(lambda: os.rename(staging, ours.a / "data"))
             result.update(ours.peak_rss())
@@ -421,18 +460,18 @@ def measure_workload(workload: Workload) -> tuple[Result, Result | None]:
         return result, peer
 
 
-def measure_edits(quick: bool) -> list[tuple[str, Result, Result | None]]:
-    rows: list[tuple[str, Result, Result | None]] = []
+def measure_edits(quick: bool, links: Links | None = None) -> list[Row]:
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="trio-sync-bench-") as tmp:
         work = Path(tmp)
         rsync_source = work / "rsync-src"
         rsync = None
         if shutil.which("rsync"):
             edit_tree(rsync_source, quick)
-            rsync = Rsync(work)
+            rsync = Rsync(work, links)
             rsync.send(rsync_source)  # the synced starting point, not timed
-        st = Syncthing(work) if syncthing.installed() else None
-        ours = Ours(work)
+        st = Syncthing(work) if syncthing.installed() and links is None else None
+        ours = Ours(work, links)
         try:
             edit_tree(work / "staging", quick)
             ours.sync(lambda: os.rename(work / "staging", ours.a / "data"))
@@ -465,11 +504,75 @@ def measure_edits(quick: bool) -> list[tuple[str, Result, Result | None]]:
     return rows
 
 
+LINKS_START = "<!-- links: written by benchmarks/bench.py --links -->"
+LINKS_END = "<!-- /links -->"
+#: Each target of issue 15 for real links: the link, the workloads, the most ours / rsync may be.
+LINK_TARGETS = [("1gbit", "workloads", {"one file": 1.10, "files, 4 KiB to": 1.10,
+                                         "files of 4 KiB": 2.0}),
+                ("100mbit", "edits", {"": 1.0})]  # fmt: skip
+
+
+def measure_links(out: Path, quick: bool) -> None:
+    """Ours against rsync over emulated links (benchmarks/links.py); its own section."""
+    ok, why = links_available()
+    lines = [
+        "## Real links: one emulated link per client",
+        "",
+        f"`benchmarks/bench.py --links{' --quick' if quick else ''}`, run"
+        f" {time.strftime('%Y-%m-%d')} ({os.cpu_count()}"
+        " cores). The server in a network namespace of its own, each client in another, joined"
+        " to the server's by a veth pair shaped with `tc tbf` on both ends (the rate each way,"
+        " a 1 MB burst); clients reach the server over TLS with its fingerprint pinned, as from"
+        " any other machine. rsync crosses one such link: its daemon in the server's namespace,"
+        " the copy started in A's. Timed as on loopback (from the rename or edit in A until B"
+        " matches). Bytes on the wire are not counted here (see the loopback tables).",
+        "",
+    ]
+    if not ok:
+        print(f"skipping the links: {why}", flush=True)
+        write_section(out, LINKS_START, LINKS_END, [*lines, f"Not run: {why}."])
+        return
+    lines += [
+        "| link | workload | trio-sync A→B | rsync (1 hop) | ours / rsync | target | CPU A"
+        " | server | B |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for rate, which, targets in LINK_TARGETS:
+        with Links(rate, ["a", "b"]) as links:
+            if which == "workloads":
+                measured = []
+                for workload in workloads(quick):
+                    ours, peer = measure_workload(workload, links)
+                    measured.append((workload.name, ours, peer))
+            else:
+                measured = measure_edits(quick, links)
+        for name, ours, peer in measured:
+            print(f"{rate} {name}: {ours}; rsync {peer}", flush=True)
+            limit = next((t for key, t in targets.items() if key in name), None)
+            ratio = ours["seconds"] / peer["seconds"] if peer else None
+            verdict = "" if limit is None or ratio is None else (
+                f"≤ {limit:.2f}x: {'met' if ratio <= limit else 'not met'}"
+            )  # fmt: skip
+            rsync_time = f"{peer['seconds']:.2f} s" if peer else "n/a"
+            lines.append(
+                f"| {rate} | {name} | {ours['seconds']:.2f} s | {rsync_time}"
+                f" | {f'{ratio:.2f}x' if ratio else 'n/a'} | {verdict}"
+                f" | {ours['cpu_a']:.2f} s | {ours['cpu_server']:.2f} s | {ours['cpu_b']:.2f} s |"
+            )
+    write_section(out, LINKS_START, LINKS_END, lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    parser.add_argument(
+        "--links", action="store_true", help="only the emulated links (root: ip netns, tc)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
+    if args.links:
+        measure_links(args.out, args.quick)
+        return
     rows: list[Row] = []
     per: dict[str, tuple[str, float]] = {}
     for workload in workloads(args.quick):
