@@ -50,6 +50,16 @@ async def first_run(folder: Path, server: ServerHandle, tmp_path: Path) -> None:
               folder.name, "--once")  # fmt: skip
 
 
+async def live_pair(start_client: Start, server: ServerHandle, tmp_path: Path) -> tuple[Path, Path]:
+    """Folders a and b with live clients; a's settings saved as a user's first run saves them,
+    so that the commands find its server."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    await first_run(a, server, tmp_path)
+    await start_client("a")
+    await start_client("b")
+    return a, b
+
+
 async def test_the_first_run_is_remembered_and_the_token_kept_private(
     server: ServerHandle, tmp_path: Path
 ) -> None:
@@ -72,10 +82,7 @@ async def test_the_first_run_is_remembered_and_the_token_kept_private(
 async def test_history_shows_each_version_and_restore_brings_one_back(
     start_client: Start, server: ServerHandle, tmp_path: Path
 ) -> None:
-    a, b = tmp_path / "a", tmp_path / "b"
-    await first_run(a, server, tmp_path)
-    await start_client("a")
-    await start_client("b")
+    a, b = await live_pair(start_client, server, tmp_path)
     note = a / "notes" / "plan.txt"
     note.parent.mkdir()
     for text in ("first draft", "second draft"):
@@ -110,10 +117,7 @@ async def test_history_shows_each_version_and_restore_brings_one_back(
 async def test_history_names_both_ends_of_a_rename(
     start_client: Start, server: ServerHandle, tmp_path: Path
 ) -> None:
-    a, b = tmp_path / "a", tmp_path / "b"
-    await first_run(a, server, tmp_path)
-    await start_client("a")
-    await start_client("b")
+    a, b = await live_pair(start_client, server, tmp_path)
     (a / "draft.txt").write_text("the report")
     (a / "other.txt").write_text("deleted for good")
     await in_sync(a, b)
