@@ -11,7 +11,15 @@ import trio
 import trio.testing
 from rich.console import Console
 
-from trio_sync.client.progress import DOWN, LOG_EVERY, SHOW_MIN, UP, Progress, show
+from trio_sync.client.progress import (
+    DOWN,
+    LOG_EVERY,
+    MAX_BARS,
+    SHOW_MIN,
+    UP,
+    Progress,
+    show,
+)
 
 MiB = 1024 * 1024
 
@@ -53,6 +61,7 @@ async def test_on_a_terminal_bars_show_bytes_rate_and_time_left() -> None:
         nursery.cancel_scope.cancel()
     drawn = out.getvalue()
     assert "↓ big.bin" in drawn
+    assert "more" not in drawn
     assert re.search(r"[1-9]\d?\.0/64\.0 MiB", drawn)  # bytes done of the total
     assert re.search(r"\d MB/s", drawn)  # the rate
     assert re.search(r"0:00:\d\d", drawn)  # the time left
@@ -67,3 +76,20 @@ async def test_the_summary_counts_what_moved() -> None:
     progress.count(DOWN, 512)
     progress.count("deleted", 0)
     assert progress.summary().startswith("2 up (4.0 MiB), 1 down (512 bytes), 1 deleted in ")
+
+
+async def test_many_big_transfers_show_a_few_bars_and_a_line_for_the_rest() -> None:
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=120)
+    progress = Progress()
+    for i in range(MAX_BARS + 4):
+        progress.begin(f"photo-{i:02d}.jpg", UP, 8 * MiB)
+        await trio.sleep(0.001)  # each begins a moment after the last
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(show, progress, console)
+        await trio.sleep(0.3)
+        nursery.cancel_scope.cancel()
+    drawn = out.getvalue()
+    assert f"↑ photo-{MAX_BARS - 1:02d}.jpg" in drawn  # the oldest ones have bars
+    assert f"photo-{MAX_BARS:02d}.jpg" not in drawn
+    assert "and 4 more, 32.0 MiB left" in drawn

@@ -15,7 +15,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import trio
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -25,11 +26,14 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.progress import Progress as Bars
+from rich.text import Text
 
 log = logging.getLogger("trio_sync.client")
 
 #: Transfers at least this big get a bar (or, without a terminal, a log line now and then).
 SHOW_MIN = 4 * 1024 * 1024
+#: At most this many bars at once (the oldest transfers); the others are summed up in a line.
+MAX_BARS = 6
 #: How often the bars are redrawn; how often a plain log line is written for a long transfer.
 REDRAW_EVERY = 0.2
 LOG_EVERY = 10.0
@@ -124,13 +128,24 @@ async def show(progress: Progress, console: Console | None) -> None:
         TransferSpeedColumn(),
         TimeRemainingColumn(),
         console=console,
-        auto_refresh=False,  # redrawn from this task, not from a thread of rich's own
-        transient=True,
     )
+    more = Text()  # the transfers beyond MAX_BARS, in one line
     shown: dict[str, tuple[Moving, TaskID]] = {}
-    with bars:
+    # Redrawn from this task, not from a thread of rich's own.
+    live = Live(Group(bars, more), console=console, auto_refresh=False, transient=True)
+    with live:
         while True:
-            current = {p: m for p, m in progress.moving.items() if m.total >= SHOW_MIN}
+            big = sorted(
+                (m for m in progress.moving.values() if m.total >= SHOW_MIN),
+                key=lambda m: m.since,
+            )
+            current = {m.path: m for m in big[:MAX_BARS]}
+            rest = big[MAX_BARS:]
+            more.plain = (
+                f"  and {len(rest)} more, {format_size(sum(m.total - m.done for m in rest))} left"
+                if rest
+                else ""
+            )
             for path, (moving, task) in list(shown.items()):
                 if current.get(path) is not moving:
                     bars.remove_task(task)
@@ -141,7 +156,7 @@ async def show(progress: Progress, console: Console | None) -> None:
                     task = bars.add_task(f"{arrow} {path}", total=moving.total)
                     shown[path] = (moving, task)
                 bars.update(shown[path][1], completed=min(moving.done, moving.total))
-            bars.refresh()
+            live.refresh()
             await trio.sleep(REDRAW_EVERY)
 
 
