@@ -19,7 +19,6 @@ import platform
 import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -36,7 +35,7 @@ import syncthing
 from blake3 import blake3
 from links import Links
 from links import available as links_available
-from report import cpu_seconds, write_section
+from report import cpu_seconds, stop_processes, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 # Where the hand-written analysis starts in docs/benchmarks.md; a new run keeps it.
@@ -189,14 +188,7 @@ class Procs:
         return proc
 
     def stop(self) -> None:
-        for proc in self.procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs)
         self.procs.clear()
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import syncthing
-from report import cpu_seconds, percentile, write_section
+from report import cpu_seconds, percentile, stop_processes, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- latency: written by benchmarks/latency.py -->", "<!-- /latency -->"
@@ -123,14 +122,7 @@ class Peers:
         return True  # B holding every file is all there is to wait for
 
     def stop(self) -> None:
-        for proc in self.procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs)
 
 
 def sample(change: Callable[[], Callable[[], bool]]) -> float:

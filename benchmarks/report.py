@@ -1,10 +1,13 @@
-"""What the benchmark scripts share: percentiles, CPU time from /proc, and replacing one marked
-section of docs/benchmarks.md while keeping the rest of the file."""
+"""What the benchmark scripts share: percentiles, CPU time from /proc, stopping processes, and
+replacing one marked section of docs/benchmarks.md while keeping the rest of the file."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -38,3 +41,15 @@ def cpu_seconds(pid: int) -> float:
             with contextlib.suppress(OSError):  # the child ended meanwhile
                 total += cpu_seconds(int(child))
     return total
+
+
+def stop_processes(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each (a clean stop), then wait; kill one that takes more than 15 s."""
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
