@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -27,6 +28,15 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
 log = logging.getLogger("trio_sync.server")
+
+#: The most bytes a TLS record takes on the wire: a 5-byte header, 16 KiB of plaintext and what
+#: encryption adds (at most 2 KiB in TLS 1.2, 256 bytes in 1.3). This many bytes buffered hold at
+#: least one whole record, which decrypts without waiting for the network.
+TLS_RECORD_MAX = 5 + 2**14 + 2048
+#: A read that gathers records ends after this long at most: gathering 1 MiB takes about 1 ms.
+GATHER_WAIT = 0.005
+#: What the TLS layer reads from the socket at a time.
+TLS_READ = 2**20
 
 #: Descriptors kept for everything but connections: the databases, chunk files being read or
 #: written, the data dir lock, the log.
@@ -75,14 +85,60 @@ class _CappedListener(trio.abc.Listener[trio.abc.Stream]):
         await self._inner.aclose()
 
 
+class _BigReads(trio.abc.Listener[trio.abc.Stream]):
+    """Connections whose reads without a size take up to TLS_READ bytes: what SSLStream asks its
+    transport for (64 KiB by default, four records), so that `_Counted` can gather more."""
+
+    def __init__(self, inner: trio.abc.Listener[Any]) -> None:
+        self._inner = inner
+
+    async def accept(self) -> trio.abc.Stream:
+        return _BigReadStream(await self._inner.accept())
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class _BigReadStream(trio.abc.Stream):
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._inner.receive_some(TLS_READ if max_bytes is None else max_bytes)
+
+    async def send_eof(self) -> None:
+        await self._inner.send_eof()  # type: ignore[attr-defined]
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
 class _Counted(trio.abc.Stream):
     """A connection that gives its slot back when closed. Its descriptor is what the cap
     bounds, not the handler: Hypercorn's handler outlives a closed connection until its idle
-    timer ends."""
+    timer ends.
+
+    Over TLS it also hands Hypercorn what has arrived in one read, not one record (16 KiB) per
+    read as `trio.SSLStream` does: every read travels through h11, the ASGI queue and Quart, and
+    a 1 GiB upload over TLS took the server 6 s of CPU in 65,536 reads, 1.3 s without TLS.
+    """
 
     def __init__(self, inner: trio.abc.Stream, slots: trio.Semaphore) -> None:
         self._inner = inner
         self._slots: trio.Semaphore | None = slots
+        # What SSLStream has received and not yet decrypted. Private to Trio, hence looked up
+        # with care: without it, reads are a record each, as before.
+        incoming = getattr(inner, "_incoming", None)
+        self._incoming = incoming if isinstance(incoming, ssl.MemoryBIO) else None
 
     def __getattr__(self, name: str) -> Any:
         # Hypercorn tells TLS from plain TCP by the attributes the stream has.
@@ -95,7 +151,27 @@ class _Counted(trio.abc.Stream):
         await self._inner.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self._inner.receive_some(max_bytes)
+        data = await self._inner.receive_some(max_bytes)
+        if self._incoming is None or not data or max_bytes is None:
+            return data
+        return await self._gather(data, max_bytes)
+
+    async def _gather(self, data: bytes | bytearray, max_bytes: int) -> bytes | bytearray:
+        """*data* and the records after it that can be decrypted now, up to *max_bytes*."""
+        assert self._incoming is not None
+        pieces = [data]
+        size = len(data)
+        tls: Any = self._inner  # an SSLStream: pending() is its SSLObject's
+        # Cancelling a read that waits loses nothing; it is there in case what was buffered
+        # was not data (a post-handshake message) and the peer waits to hear from us.
+        with trio.move_on_after(GATHER_WAIT):
+            while size < max_bytes and (tls.pending() or self._incoming.pending >= TLS_RECORD_MAX):
+                more = await self._inner.receive_some(max_bytes - size)
+                if not more:
+                    break  # the peer closed: the next read says so
+                pieces.append(more)
+                size += len(more)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     async def send_eof(self) -> None:
         await self._inner.send_eof()  # type: ignore[attr-defined]
@@ -151,7 +227,9 @@ async def serve(
                     )
                     if secure:
                         assert ssl_context is not None
-                        listener = trio.SSLListener(listener, ssl_context, https_compatible=True)
+                        listener = trio.SSLListener(
+                            _BigReads(listener), ssl_context, https_compatible=True
+                        )
                     listeners.append(_CappedListener(listener, slots))
                     bind = repr_socket_addr(sock.family, sock.getsockname())
                     binds.append(f"{'https' if secure else 'http'}://{bind}")
