@@ -9,12 +9,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 import trio.testing
 
 from trio_sync.client.engine import Engine
+from trio_sync.client.network import use_gathering_reads
+from trio_sync.client.remote import Remote
 from trio_sync.config import ClientConfig
+from trio_sync.core.hashing import hash_bytes
 from trio_sync.core.tls import (
     certificate_fingerprint,
     fingerprint,
@@ -22,9 +26,10 @@ from trio_sync.core.tls import (
     parse_fingerprint,
 )
 from trio_sync.errors import ServerNotTrusted
+from trio_sync.protocol.frames import RAW, Frame
 from trio_sync.server.listen import _Counted
 
-from .conftest import ServerHandle, in_sync, requests_between, traffic
+from .conftest import TOKEN, ServerHandle, in_sync, requests_between, traffic
 
 Make = Callable[..., ClientConfig]
 
@@ -122,3 +127,25 @@ async def test_the_server_reads_what_arrived_over_tls_at_once_not_a_record_at_a_
     with trio.fail_after(5):
         assert await server.receive_some(2**20) == b""
     await server.aclose()
+
+
+async def test_a_client_reads_what_arrived_over_tls_at_once(
+    tls_server: ServerHandle, tmp_path: Path
+) -> None:
+    chunk = bytes(range(256)) * 4096  # 1 MiB: 64 records
+    hash = hash_bytes(chunk)
+    context = ssl.create_default_context(cafile=tmp_path / "cert.pem")
+    async with Remote(tls_server.url, TOKEN, "t", verify=context) as remote:
+        assert await remote.put_chunks([Frame(hash, RAW, chunk)]) == ({hash}, set())
+    largest = {}
+    for gathering in (False, True):
+        client = httpx.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}, verify=context)
+        async with client:
+            if gathering:
+                assert use_gathering_reads(client)
+            async with client.stream("GET", f"{tls_server.url}/chunks/{hash}") as response:
+                await trio.sleep(0.2)  # the whole answer arrives meanwhile
+                pieces = [piece async for piece in response.aiter_raw()]
+        assert b"".join(pieces) == chunk
+        largest[gathering] = max(len(piece) for piece in pieces)
+    assert largest[False] <= 2**14 < largest[True]

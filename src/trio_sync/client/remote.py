@@ -35,6 +35,7 @@ from ..protocol.models import (
     check_hash,
 )
 from ..protocol.sse import ServerSentEvent, SSEParser
+from .network import use_gathering_reads
 
 CLIENT_HEADER = "X-Trio-Sync-Client"
 #: httpcore reads a response 64 KiB at a time and each read costs a trip through h11; chunk
@@ -85,6 +86,7 @@ class Remote:
             timeout=httpx.Timeout(60.0, connect=10.0),
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
         )
+        use_gathering_reads(self._client)
         self._stream_timeout = httpx.Timeout(10.0, read=stream_idle_timeout)
 
     async def __aenter__(self) -> Remote:
