@@ -30,11 +30,6 @@ from ..core.tlsread import incoming_of, receive_gathered
 
 log = logging.getLogger("trio_sync.server")
 
-#: What the TLS layer reads from the socket at a time, and so what one read can gather: 1 MiB
-#: saved a little more CPU, and took the server's peak memory from 92 to 111 MiB with six
-#: uploads at once.
-TLS_READ = 256 * 1024
-
 #: Descriptors kept for everything but connections: the databases, chunk files being read or
 #: written, the data dir lock, the log.
 RESERVED_FDS = 256
@@ -82,43 +77,6 @@ class _CappedListener(trio.abc.Listener[trio.abc.Stream]):
         await self._inner.aclose()
 
 
-class _BigReads(trio.abc.Listener[trio.abc.Stream]):
-    """Connections whose reads without a size take up to TLS_READ bytes: what SSLStream asks its
-    transport for (64 KiB by default, four records), so that `_Counted` can gather more."""
-
-    def __init__(self, inner: trio.abc.Listener[Any]) -> None:
-        self._inner = inner
-
-    async def accept(self) -> trio.abc.Stream:
-        return _BigReadStream(await self._inner.accept())
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-
-class _BigReadStream(trio.abc.Stream):
-    def __init__(self, inner: trio.abc.Stream) -> None:
-        self._inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self._inner.receive_some(TLS_READ if max_bytes is None else max_bytes)
-
-    async def send_eof(self) -> None:
-        await self._inner.send_eof()  # type: ignore[attr-defined]
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-
 class _Counted(trio.abc.Stream):
     """A connection that gives its slot back when closed. Its descriptor is what the cap
     bounds, not the handler: Hypercorn's handler outlives a closed connection until its idle
@@ -126,7 +84,8 @@ class _Counted(trio.abc.Stream):
 
     Over TLS it also hands Hypercorn every record that has arrived in one read
     (`core.tlsread`): a 1 GiB upload over TLS took the server 8.1 s of CPU in 65,536 reads of a
-    record each, 4.4 s in reads of up to 256 KiB.
+    record each, 5.8 s when each read takes what one read from the socket
+    brought (64 KiB, four records).
     """
 
     def __init__(self, inner: trio.abc.Stream, slots: trio.Semaphore) -> None:
@@ -203,9 +162,7 @@ async def serve(
                     )
                     if secure:
                         assert ssl_context is not None
-                        listener = trio.SSLListener(
-                            _BigReads(listener), ssl_context, https_compatible=True
-                        )
+                        listener = trio.SSLListener(listener, ssl_context, https_compatible=True)
                     listeners.append(_CappedListener(listener, slots))
                     bind = repr_socket_addr(sock.family, sock.getsockname())
                     binds.append(f"{'https' if secure else 'http'}://{bind}")
