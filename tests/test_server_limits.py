@@ -16,10 +16,9 @@ import pytest
 import trio
 import zstandard
 
-from trio_sync.client.remote import Remote
 from trio_sync.core.hashing import hash_bytes
 from trio_sync.errors import ProtocolError
-from trio_sync.protocol.frames import RAW, ZSTD, Frame, FrameParser, frame_header
+from trio_sync.protocol.frames import RAW, ZSTD, FrameParser, frame_header
 from trio_sync.protocol.models import (
     CDC_MIN,
     MAX_CHUNK_SIZE,
@@ -29,7 +28,6 @@ from trio_sync.protocol.models import (
     FileEntry,
     content_hash,
 )
-from trio_sync.server.app import STAGING_BYTES
 from trio_sync.server.store import SQLiteMetaStore
 
 from .conftest import TOKEN, ServerHandle
@@ -352,37 +350,3 @@ async def test_a_full_disk_answers_507_and_loses_nothing(
         assert (await client.get("/info")).status_code == 200
     assert os.listdir(small_disk / "data" / "tmp") == []  # nothing half stored left behind
     await server.stop()
-
-
-async def test_uploads_beyond_what_the_server_stages_at_once_all_land(
-    server: ServerHandle,
-) -> None:
-    # Three uploads of 12 MiB at once against STAGING_BYTES (16 MiB): the server stops reading
-    # bodies while their chunks wait for the disk, and every byte still lands.
-    assert STAGING_BYTES < 3 * 12 * 2**20
-    uploads = [
-        [random.Random(f"{u}.{i}").randbytes(MAX_CHUNK_SIZE - i) for i in range(6)]
-        for u in range(3)
-    ]
-    stored: list[set[str]] = []
-
-    async def upload(chunks: list[bytes]) -> None:
-        async with Remote(server.url, TOKEN, "up") as remote:
-            frames = [Frame(hash_bytes(c), RAW, c) for c in chunks]
-            done, rejected = await remote.put_chunks(frames)
-        assert not rejected
-        stored.append(done)
-
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            for chunks in uploads:
-                nursery.start_soon(upload, chunks)
-    assert set().union(*stored) == {hash_bytes(c) for u in uploads for c in u}
-    async with Remote(server.url, TOKEN, "down") as remote:
-        got: dict[str, bytes] = {}
-
-        async def keep(frame: Frame) -> None:
-            got[frame.hash] = frame.payload
-
-        await remote.fetch_chunks([hash_bytes(c) for c in uploads[2]], keep, compress=False)
-    assert list(got.values()) == uploads[2]

@@ -26,7 +26,6 @@ from typing import TypeVar, TypeVarTuple, Unpack
 
 import trio
 
-from ..core.budget import ByteBudget
 from ..core.compression import pack, unpack
 from ..core.durable import unlink_quietly
 from ..core.hashing import hash_bytes
@@ -49,7 +48,7 @@ from ..protocol.models import (
     FileEntry,
     Incoming,
 )
-from .batching import Batches
+from .batching import Batches, ByteBudget
 from .conflicts import free_conflict_name, move_aside
 from .early import EarlySend
 from .index import BaseEntry, Index, StatKey

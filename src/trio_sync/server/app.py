@@ -20,7 +20,6 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from .. import __version__ as VERSION
-from ..core.budget import ByteBudget
 from ..core.compression import decoded_size, pack, unpack
 from ..core.hashing import content_hash
 from ..core.offload import Offload
@@ -70,10 +69,6 @@ MAX_RESTORE = 100_000
 WRITE_SIZE = 256 * 1024
 #: Chunks read from the store in one hand-off to a thread, at most (and at most WRITE_SIZE).
 READ_MANY = 64
-#: Chunk bytes received and not yet written, across all uploads: past it, the server reads no
-#: more of their bodies until the disk catches up. Reading faster than the disk writes (over
-#: TLS, with records gathered) otherwise held up to a whole request per upload in memory.
-STAGING_BYTES = 16 * 1024 * 1024
 #: Chunks up to this size are compressed on the event loop: about 10 µs for 16 KiB, less than
 #: handing the call to a thread and back.
 PACK_INLINE = 16 * 1024
@@ -210,7 +205,6 @@ def create_app(
     """The app; *offload* runs (de)compression of chunks, inside its `running()` block."""
     app = QuartTrio("trio_sync")
     cpu = offload.run_sync
-    staging = ByteBudget(STAGING_BYTES)
     # Checking that a commit's chunks exist and recording the commit is one step for the
     # garbage collector, which takes the same lock (see server/gc.py).
     lock = commit_lock if commit_lock is not None else trio.Lock()
@@ -352,12 +346,6 @@ def create_app(
 
         async def store(batch: ChunkBatch, frame: Frame) -> None:
             try:
-                await store_one(batch, frame)
-            finally:
-                staging.release(len(frame.payload))
-
-        async def store_one(batch: ChunkBatch, frame: Frame) -> None:
-            try:
                 if frame.encoding == RAW:
                     data = frame.payload  # nothing to decode: no thread hand-off
                 else:
@@ -369,12 +357,6 @@ def create_app(
                 stored.append(frame.hash)
 
         async def store_small(batch: ChunkBatch, frames: list[Frame]) -> None:
-            try:
-                await store_many(batch, frames)
-            finally:
-                staging.release(sum(len(frame.payload) for frame in frames))
-
-        async def store_many(batch: ChunkBatch, frames: list[Frame]) -> None:
             """The small frames of one piece of the body, decoded and staged together: a tree
             of small files sends hundreds of them per request."""
 
@@ -423,10 +405,8 @@ def create_app(
                             if len(frame.payload) <= PACK_INLINE:
                                 small.append(frame)
                             else:
-                                await staging.acquire(len(frame.payload))
                                 nursery.start_soon(store, batch, frame)
                         if small:
-                            await staging.acquire(sum(len(frame.payload) for frame in small))
                             nursery.start_soon(store_small, batch, small)
                     parser.close()
                 except ProtocolError as e:
