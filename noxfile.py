@@ -70,5 +70,6 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench.py", *session.posargs)
     # Emulated links need root (network namespaces, tc); without it the section says so.
     session.run("python", "benchmarks/bench.py", "--links", *session.posargs)
+    session.run("python", "benchmarks/serverio.py", *session.posargs)
     session.run("python", "benchmarks/load.py", *session.posargs)
     session.run("python", "benchmarks/latency.py", *session.posargs)

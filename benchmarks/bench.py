@@ -650,7 +650,8 @@ def write_report(
         "",
         "Written by `nox -s bench` (`benchmarks/bench.py`)"
         + (" with `--quick`" if quick else "")
-        + "; the load and latency sections at the end by `benchmarks/load.py` and"
+        + "; the real links by `bench.py --links`, the server alone, load and latency sections"
+        " at the end by `benchmarks/serverio.py`, `benchmarks/load.py` and"
         " `benchmarks/latency.py`, in the same session.",
         "",
         "## How they were taken",

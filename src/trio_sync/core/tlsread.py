@@ -19,9 +19,10 @@ import trio
 #: encryption adds (at most 2 KiB in TLS 1.2, 256 bytes in 1.3). This many bytes received hold at
 #: least one whole record, which decrypts without waiting for the network.
 RECORD_MAX = 5 + 2**14 + 2048
-#: Gathering ends after this long at most (1 MiB takes about 1 ms): a read that would have to
+#: Gathering ends after this long at most (1 MiB takes about 1 ms). A read that would have to
 #: wait, because what was received was not data (a post-handshake message), is cancelled then,
-#: which loses nothing.
+#: which loses nothing. One that has to send first (answering a key update: HTTP clients do not
+#: ask for one mid-request) would break the connection, and the peer would retry its request.
 GATHER_WAIT = 0.005
 
 
