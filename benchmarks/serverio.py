@@ -12,6 +12,7 @@ is left is the server's HTTP stack, its chunk store and the page cache. `--quick
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import ssl
 import statistics
@@ -44,7 +45,8 @@ def chunk(i: int) -> bytes:
 
 def user_system(pid: int) -> tuple[float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return int(fields[11]) / 100, int(fields[12]) / 100
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def peak_rss_mib(pid: int) -> float:

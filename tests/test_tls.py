@@ -117,7 +117,7 @@ async def test_the_server_reads_what_arrived_over_tls_at_once_not_a_record_at_a_
         received += await server.receive_some(len(sent))
         reads += 1
     assert received == sent
-    assert reads <= 4
+    assert reads < 16  # a record a read would be 64; gathering may stop early on a busy machine
 
     # What arrived is handed on at once, without waiting for more that is not coming.
     await client.send_all(b"one small request")
