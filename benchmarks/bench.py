@@ -35,7 +35,7 @@ import syncthing
 from blake3 import blake3
 from links import Links
 from links import available as links_available
-from report import cpu_seconds, stop_processes, write_section
+from report import cpu_seconds, peak_rss_mib, stop_processes, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 # Where the hand-written analysis starts in docs/benchmarks.md; a new run keeps it.
@@ -165,14 +165,6 @@ def tree_sizes(root: Path) -> dict[str, int]:
         with suppress(FileNotFoundError):
             out[str(path.relative_to(root))] = path.stat().st_size
     return out
-
-
-def peak_rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class Procs:

@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: percentiles, CPU time from /proc, stopping processes, and
-replacing one marked section of docs/benchmarks.md while keeping the rest of the file."""
+"""What the benchmark scripts share: percentiles, CPU time and peak memory from /proc, stopping
+processes, and replacing one marked section of docs/benchmarks.md while keeping the rest."""
 
 from __future__ import annotations
 
@@ -27,11 +27,26 @@ def write_section(out: Path, start: str, end: str, lines: list[str]) -> None:
     out.write_text(text)
 
 
+def user_system(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of process *pid* itself so far, from `/proc`."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The peak resident memory of process *pid* so far (`VmHWM`), in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of process *pid* and its living descendants so far, from
     `/proc` (Syncthing runs as a monitor process and a child that does the work)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = sum(user_system(pid))
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             children = (task / "children").read_text().split()

@@ -12,7 +12,6 @@ is left is the server's HTTP stack, its chunk store and the page cache. `--quick
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import ssl
 import statistics
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import trio
 from blake3 import blake3
-from report import stop_processes, write_section
+from report import peak_rss_mib, stop_processes, user_system, write_section
 
 from trio_sync.client.remote import Remote
 from trio_sync.core.hashing import hash_bytes
@@ -41,19 +40,6 @@ RUNS = 3
 
 def chunk(i: int) -> bytes:
     return blake3(i.to_bytes(8, "big")).digest(length=CHUNK)
-
-
-def user_system(pid: int) -> tuple[float, float]:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
-
-
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 async def exchange(

@@ -86,7 +86,7 @@ async def _traffic(server: ServerHandle, tmp_path: Path) -> dict[str, Any]:
     return await traffic(server, verify=context)
 
 
-async def _tls_pair(tmp_path: Path, slots: trio.Semaphore) -> tuple[trio.SSLStream[Any], Any]:
+async def _tls_pair(tmp_path: Path) -> tuple[trio.SSLStream[Any], Any]:
     """A TLS connection over memory streams: the client's end, and the server's as the server's
     listener wraps it."""
     cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
@@ -100,7 +100,7 @@ async def _tls_pair(tmp_path: Path, slots: trio.Semaphore) -> tuple[trio.SSLStre
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client.do_handshake)
         nursery.start_soon(server.do_handshake)
-    return client, _Counted(server, slots)
+    return client, _Counted(server, trio.Semaphore(1))
 
 
 async def test_the_server_reads_what_arrived_over_tls_at_once_not_a_record_at_a_time(
@@ -108,7 +108,7 @@ async def test_the_server_reads_what_arrived_over_tls_at_once_not_a_record_at_a_
 ) -> None:
     # A read per 16 KiB record travels through h11, the ASGI queue and Quart each time: it
     # tripled the server's CPU for an upload over TLS.
-    client, server = await _tls_pair(tmp_path, trio.Semaphore(1))
+    client, server = await _tls_pair(tmp_path)
     sent = bytes(range(256)) * 4096  # 1 MiB, 64 records
     await client.send_all(sent)
     received = bytearray()
