@@ -16,13 +16,14 @@ import httpx
 import pytest
 import trio
 
-from trio_sync.client.batching import Batches, ByteBudget
+from trio_sync.client.batching import Batches
 from trio_sync.client.early import EARLY_MIN_SIZE
 from trio_sync.client.index import Index, StatKey
 from trio_sync.client.landing import Landing
 from trio_sync.client.remote import Remote
 from trio_sync.client.scanner import LocalFile, Scanner
 from trio_sync.client.transfer import Parking, PartialFiles, Transfer
+from trio_sync.core.budget import ByteBudget
 from trio_sync.core.hashing import chunk_file
 from trio_sync.core.offload import Offload
 from trio_sync.errors import LocalChanged, RemoteError

@@ -53,7 +53,13 @@ def commit_body(path: str, chunks: list[Chunk], base_rev: int = 0) -> dict[str, 
 )
 @pytest.mark.parametrize(
     ("method", "url"),
-    [("GET", "/info"), ("GET", "/sync"), ("GET", "/files"), ("POST", "/commit")],
+    [
+        ("GET", "/info"),
+        ("GET", "/sync"),
+        ("GET", "/files"),
+        ("POST", "/commit"),
+        ("POST", "/chunks"),
+    ],
 )
 async def test_every_route_needs_the_token(
     server: ServerHandle, headers: dict[str, str], method: str, url: str

@@ -3,7 +3,8 @@
 Each worker handles one path and awaits `Batches.missing/put/fetch/commit` as if it were alone.
 A `Batcher` gathers whatever calls are waiting while its previous requests are in flight and
 sends them as one request, so batches grow by themselves under load and a lone call goes out at
-once. A `ByteBudget` bounds the chunk bytes held in memory by all workers together.
+once. A `ByteBudget` (`core/budget.py`) bounds the chunk bytes held in memory by all workers
+together.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 import trio
-import trio.lowlevel
 
 from ..core.compression import decoded_size
 from ..errors import ChunksMissing, ProtocolError
@@ -169,27 +169,6 @@ class Batcher(Generic[T, R]):
             self._slots.release()
             for pending in batch:
                 pending.fail(ProtocolError("the server did not answer for this item"))
-
-
-class ByteBudget:
-    """Bounds bytes held at once. A request bigger than the whole budget waits until nothing
-    else is held, then goes alone, so large chunks cannot starve."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.used = 0
-        self._lot = trio.lowlevel.ParkingLot()
-
-    async def acquire(self, n: int) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        while self.used and self.used + n > self.capacity:
-            await self._lot.park()
-        self.used += n
-        await trio.lowlevel.cancel_shielded_checkpoint()
-
-    def release(self, n: int) -> None:
-        self.used -= n
-        self._lot.unpark_all()
 
 
 class Batches:

@@ -20,11 +20,12 @@ from collections.abc import Callable
 
 import trio
 
+from ..core.budget import ByteBudget
 from ..core.offload import Offload
 from ..errors import TrioSyncError
 from ..protocol.frames import Frame
 from ..protocol.models import Chunk
-from .batching import Batches, ByteBudget
+from .batching import Batches
 from .index import StatKey
 from .progress import UP, Moving, Progress
 

@@ -26,6 +26,7 @@ from typing import Any
 import trio
 
 from ..config import ClientConfig
+from ..core.budget import ByteBudget
 from ..core.durable import group_syncer, unlink_quietly
 from ..core.ignore import IGNORE_FILE, IgnoreRules
 from ..core.offload import Offload
@@ -50,7 +51,7 @@ from ..protocol.models import CHUNKER, DIR, FileEntry, Incoming, is_valid_name
 from ..protocol.paths import STATE_DIR_NAME, is_valid_path
 from ..protocol.sse import ServerSentEvent
 from . import status
-from .batching import Batches, ByteBudget
+from .batching import Batches
 from .conflicts import normalize_name
 from .early import EarlySend
 from .guard import DeleteGuard, DeletionsHeld, GuardLimits

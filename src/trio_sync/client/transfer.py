@@ -26,6 +26,7 @@ from typing import TypeVar, TypeVarTuple, Unpack
 
 import trio
 
+from ..core.budget import ByteBudget
 from ..core.compression import pack, unpack
 from ..core.durable import unlink_quietly
 from ..core.hashing import hash_bytes
@@ -48,7 +49,7 @@ from ..protocol.models import (
     FileEntry,
     Incoming,
 )
-from .batching import Batches, ByteBudget
+from .batching import Batches
 from .conflicts import free_conflict_name, move_aside
 from .early import EarlySend
 from .index import BaseEntry, Index, StatKey

@@ -5,32 +5,30 @@ The contract is docs/protocol.md.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import math
 import sqlite3
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
 import trio
+from hypercorn.typing import ASGIFramework
 from quart import Response, current_app, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from .. import __version__ as VERSION
-from ..core.compression import decoded_size, pack, unpack
+from ..core.compression import pack
 from ..core.hashing import content_hash
 from ..core.offload import Offload
-from ..errors import Conflict, InvalidPath, ProtocolError, StoreError, single_error
-from ..protocol.frames import MEDIA_TYPE, MISSING, RAW, Frame, FrameParser, frame_header
+from ..errors import Conflict, InvalidPath, ProtocolError, StoreError
+from ..protocol.frames import MEDIA_TYPE, MISSING, RAW, frame_header
 from ..protocol.models import (
     CHUNKER,
     DIR,
     MAX_CHUNK_SIZE,
     MAX_COMMITS,
-    MAX_DECODED_PER_REQUEST,
     MAX_FETCH,
     MAX_FETCH_WAIT,
     MAX_HASHES_PER_QUERY,
@@ -45,11 +43,14 @@ from ..protocol.paths import check_path
 from ..protocol.sse import format_comment, format_event
 from . import page as page_files
 from .auth import SESSION_COOKIE, SESSION_SECONDS, Authenticator, Stream
+from .bodies import MAX_BODY, paced
 from .hub import ChangeHub, EventPages
+from .intake import ChunkIntake
 from .metrics import CLIENT_KEY, Traffic
 from .prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
 from .prometheus import ServerMetrics
-from .store import BlobStore, ChunkBatch, Kept, MetaStore
+from .refusals import Refusal, refusal_for
+from .store import BlobStore, Kept, MetaStore
 from .tokens import TokenInfo
 
 log = logging.getLogger("trio_sync.server")
@@ -72,17 +73,6 @@ READ_MANY = 64
 #: Chunks up to this size are compressed on the event loop: about 10 µs for 16 KiB, less than
 #: handing the call to a thread and back.
 PACK_INLINE = 16 * 1024
-#: Room for a batch of chunks (clients send about 8 MiB), or a commit's chunk list (about 200,000
-#: chunks), plus framing.
-MAX_BODY = 17 * 1024 * 1024
-#: A request body must keep coming: after a grace period (ServerConfig.body_grace), at
-#: BODY_MIN_RATE bytes a second on average. A trickled body would otherwise hold its connection
-#: and its batch for ever.
-BODY_MIN_RATE = 16 * 1024
-
-
-class BodyTooSlow(ProtocolError):
-    """The request body came slower than BODY_MIN_RATE."""
 
 
 def _error(status: int, code: str, message: str, **extra: Any) -> Response:
@@ -94,22 +84,15 @@ def _json(data: Any, status: int = 200) -> Response:
     return Response(json.dumps(data), status=status, mimetype="application/json")
 
 
-async def _body() -> AsyncGenerator[bytes, None]:
-    """The request body, piece by piece as it arrives, within MAX_BODY and the rate above."""
-    pieces = aiter(request.body)
-    start = trio.current_time() + current_app.config["BODY_GRACE"]
-    received = 0
-    while True:
-        with trio.move_on_at(start + received / BODY_MIN_RATE) as scope:
-            piece = await anext(pieces, None)
-        if scope.cancelled_caught:
-            raise BodyTooSlow(f"the request body came slower than {BODY_MIN_RATE} bytes/s")
-        if piece is None:
-            return
-        received += len(piece)
-        if received > MAX_BODY:
-            raise ProtocolError(f"a request body is at most {MAX_BODY} bytes")
-        yield piece
+def _refused(refusal: Refusal) -> Response:
+    response = Response(refusal.body(), status=refusal.status, mimetype="application/json")
+    response.headers.update(refusal.headers)
+    return response
+
+
+def _body() -> AsyncGenerator[bytes, None]:
+    """The request body, piece by piece as it arrives, within MAX_BODY and its pace."""
+    return paced(aiter(request.body), current_app.config["BODY_GRACE"])
 
 
 async def _json_body() -> Any:
@@ -201,7 +184,7 @@ def create_app(
     commit_lock: trio.Lock | None = None,
     offload: Offload,
     history_days: float = 30.0,
-) -> QuartTrio:
+) -> ASGIFramework:
     """The app; *offload* runs (de)compression of chunks, inside its `running()` block."""
     app = QuartTrio("trio_sync")
     cpu = offload.run_sync
@@ -218,64 +201,28 @@ def create_app(
     @app.before_request
     async def authenticate() -> Response | None:
         address = request.remote_addr or "unknown"
-        wait = auth.retry_after(address)
-        if wait is not None:
-            response = _error(429, "too_many_failures", "too many wrong tokens; wait")
-            response.headers["Retry-After"] = str(math.ceil(wait))
-            return response
-        if (request.method, request.path) in PUBLIC:
+        if (request.method, request.path) in PUBLIC and auth.retry_after(address) is None:
             return None  # the page's shell holds no data; /login checks its token itself
-        header = request.headers.get("Authorization")
-        info = auth.identify(header)
-        if info is None and header is None and request.method == "GET":
-            # The status page: a session cookie, for reading only (SameSite=Strict besides).
-            info = auth.by_session(request.cookies.get(SESSION_COOKIE))
-        if info is None and header is not None:
-            await auth.reload()  # perhaps a token added a moment ago: look at the store again
-            info = auth.identify(header)
-        if info is None:
-            auth.failed(address)
-            response = _error(401, "unauthorized", "missing or wrong bearer token")
-            response.headers["WWW-Authenticate"] = 'Bearer realm="trio-sync"'
-            return response
+        # The status page reads with a session cookie (SameSite=Strict besides), nothing else.
+        session = request.cookies.get(SESSION_COOKIE) if request.method == "GET" else None
+        info = await auth.admit(address, request.headers.get("Authorization"), session)
+        if isinstance(info, Refusal):
+            return _refused(info)
         g.client = info
         request.scope[CLIENT_KEY] = info.name  # type: ignore[literal-required]
-        auth.saw(info.name, address)
         return None
 
     @app.errorhandler(InvalidPath)
     @app.errorhandler(ProtocolError)
-    async def bad_request(error: Exception) -> Response:
-        return _error(400, "bad_request", str(error))
-
-    @app.errorhandler(BodyTooSlow)
-    async def too_slow(error: Exception) -> Response:
-        response = _error(408, "too_slow", str(error))
-        response.headers["Connection"] = "close"
-        return response
-
     @app.errorhandler(StoreError)
-    async def rejected(error: Exception) -> Response:
-        return _error(422, "rejected", str(error))
-
     @app.errorhandler(OSError)
     @app.errorhandler(sqlite3.OperationalError)
-    async def out_of_space(error: Exception) -> Response:
-        """A full disk: nothing of the request was kept (chunks are renamed into place only
-        together, commits are one transaction), and the client tries again later."""
-        full = (
-            error.errno in (errno.ENOSPC, errno.EDQUOT)
-            if isinstance(error, OSError)
-            else "full" in str(error)
-        )
-        if not full:
-            raise error
-        log.error("the data dir is full: %s", error)
-        return _error(507, "insufficient_storage", "the server's disk is full; try again later")
-
     @app.errorhandler(HTTPException)
-    async def http_error(error: HTTPException) -> Response:
-        return _error(error.code or 500, "http_error", error.description or str(error))
+    async def refuse(error: Exception) -> Response:
+        refusal = refusal_for(error)
+        if refusal is None:
+            raise error
+        return _refused(refusal)
 
     @app.get("/info")
     async def info() -> Response:
@@ -335,87 +282,6 @@ def create_app(
         if data is None:
             return _error(404, "not_found", f"no chunk {hash}")
         return Response(data, mimetype="application/octet-stream")
-
-    @app.post("/chunks")
-    async def put_chunks() -> Response:
-        """A stream of chunk frames; each is verified and stored as it arrives."""
-        parser = FrameParser()
-        stored: list[str] = []
-        rejected: list[str] = []
-        decoded = 0
-
-        async def store(batch: ChunkBatch, frame: Frame) -> None:
-            try:
-                if frame.encoding == RAW:
-                    data = frame.payload  # nothing to decode: no thread hand-off
-                else:
-                    data = await cpu(unpack, frame.encoding, frame.payload, MAX_CHUNK_SIZE)
-                await batch.add(frame.hash, data)
-            except (StoreError, ProtocolError):
-                rejected.append(frame.hash)  # the client re-reads that file and tries again
-            else:
-                stored.append(frame.hash)
-
-        async def store_small(batch: ChunkBatch, frames: list[Frame]) -> None:
-            """The small frames of one piece of the body, decoded and staged together: a tree
-            of small files sends hundreds of them per request."""
-
-            def decode() -> tuple[list[tuple[str, bytes]], list[str]]:
-                chunks: list[tuple[str, bytes]] = []
-                corrupt: list[str] = []
-                for frame in frames:
-                    try:
-                        chunks.append(
-                            (frame.hash, unpack(frame.encoding, frame.payload, MAX_CHUNK_SIZE))
-                        )
-                    except ProtocolError:
-                        corrupt.append(frame.hash)
-                return chunks, corrupt
-
-            if all(frame.encoding == RAW for frame in frames):
-                chunks = [(frame.hash, frame.payload) for frame in frames]
-                corrupt: list[str] = []
-            else:
-                chunks, corrupt = await cpu(decode)
-            refused = await batch.add_many(chunks) if chunks else set()
-            rejected.extend(corrupt)
-            for hash, _ in chunks:
-                (rejected if hash in refused else stored).append(hash)
-
-        failure: ProtocolError | None = None
-        # The whole request is made durable at once, when the batch ends: a request cut off
-        # stores none of its chunks, and the client sends them again.
-        async with blobs.batch() as batch, aclosing(_body()) as body:
-            # single_error: a full disk in any task is the answer, not a group of them.
-            async with single_error(), trio.open_nursery() as nursery:  # threads: the Offload's
-                try:
-                    async for piece in body:
-                        small: list[Frame] = []
-                        for frame in parser.feed(piece):
-                            if frame.encoding == MISSING:
-                                raise ProtocolError("an upload cannot send a missing chunk")
-                            # Counted before anything is decoded: what a request may cost in
-                            # memory and CPU is bounded by what it decodes to.
-                            decoded += decoded_size(frame.encoding, frame.payload)
-                            if decoded > MAX_DECODED_PER_REQUEST:
-                                raise ProtocolError(
-                                    f"the chunks of one request may decode to at most"
-                                    f" {MAX_DECODED_PER_REQUEST} bytes"
-                                )
-                            if len(frame.payload) <= PACK_INLINE:
-                                small.append(frame)
-                            else:
-                                nursery.start_soon(store, batch, frame)
-                        if small:
-                            nursery.start_soon(store_small, batch, small)
-                    parser.close()
-                except ProtocolError as e:
-                    failure = e  # raised below, outside the nursery's exception group
-            if failure is not None:
-                raise failure
-        if stored:
-            hub.chunks_landed()  # now durable and readable: fetches waiting for them go on
-        return _json({"stored": stored, "rejected": rejected})
 
     @app.post("/announce")
     async def announce() -> Response:
@@ -758,4 +624,6 @@ def create_app(
         response.timeout = None  # Quart would cut the stream after RESPONSE_TIMEOUT otherwise
         return response
 
-    return app
+    # Chunk uploads skip Quart (server/intake.py).
+    intake = ChunkIntake(blobs, hub, auth, offload, body_grace=body_grace)
+    return intake.beside(app)

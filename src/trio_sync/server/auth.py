@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import secrets
 import time
 from collections import defaultdict, deque
@@ -20,6 +21,7 @@ from typing import Any
 
 import trio
 
+from .refusals import Refusal
 from .tokens import SHARED, TokenInfo, TokenStore, digest
 
 log = logging.getLogger("trio_sync.server")
@@ -99,6 +101,28 @@ class Authenticator:
         if self._store is not None and self._seen:
             seen, self._seen = self._seen, {}
             await self._call(self._store.seen, seen)
+
+    async def admit(
+        self, address: str, header: str | None, session: str | None = None
+    ) -> TokenInfo | Refusal:
+        """Who a request comes from, by its Authorization *header* (or, for reading the status
+        page, its *session* cookie), or how it is refused. Every route passes here."""
+        wait = self.retry_after(address)
+        if wait is not None:
+            retry = {"Retry-After": str(math.ceil(wait))}
+            return Refusal(429, "too_many_failures", "too many wrong tokens; wait", headers=retry)
+        info = self.identify(header)
+        if info is None and header is None:
+            info = self.by_session(session)
+        if info is None and header is not None:
+            await self.reload()  # perhaps a token added a moment ago: look at the store again
+            info = self.identify(header)
+        if info is None:
+            self.failed(address)
+            challenge = {"WWW-Authenticate": 'Bearer realm="trio-sync"'}
+            return Refusal(401, "unauthorized", "missing or wrong bearer token", headers=challenge)
+        self.saw(info.name, address)
+        return info
 
     def identify(self, header: str | None) -> TokenInfo | None:
         """The client a request's Authorization header names, or None."""
