@@ -4,6 +4,7 @@ fingerprint, a CA file, the system's CAs), and the token is never sent before th
 from __future__ import annotations
 
 import re
+import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ import trio
 import trio.testing
 
 from trio_sync.client.engine import Engine
-from trio_sync.client.network import use_gathering_reads
+from trio_sync.client.network import GatheringBackend, use_gathering_reads
 from trio_sync.client.remote import Remote
 from trio_sync.config import ClientConfig
 from trio_sync.core.hashing import hash_bytes
@@ -25,9 +26,10 @@ from trio_sync.core.tls import (
     make_self_signed,
     parse_fingerprint,
 )
+from trio_sync.core.tlsread import TRANSPORT_READ
 from trio_sync.errors import ServerNotTrusted
 from trio_sync.protocol.frames import RAW, Frame
-from trio_sync.server.listen import _Counted
+from trio_sync.server.listen import _Counted, listener_for
 
 from .conftest import TOKEN, ServerHandle, in_sync, requests_between, traffic
 
@@ -149,3 +151,47 @@ async def test_a_client_reads_what_arrived_over_tls_at_once(
         assert b"".join(pieces) == chunk
         largest[gathering] = max(len(piece) for piece in pieces)
     assert largest[False] <= 2**14 < largest[True]
+
+
+async def test_both_ends_read_their_socket_in_large_pieces_over_tls(tmp_path: Path) -> None:
+    # Trio's SSLStream reads 64 KiB from its socket at a time; a read is a trip through the
+    # socket and the SSLStream's locks, 16,384 of them per GiB.
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    make_self_signed(cert, key, "127.0.0.1")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    sock = socket.create_server(("127.0.0.1", 0))
+    listener = listener_for(sock, server_context)
+
+    async def pair() -> tuple[trio.SSLStream[Any], trio.SSLStream[Any]]:
+        """A connection: the client's end, made by its network backend, and the server's."""
+        accepted: list[trio.SSLStream[Any]] = []
+
+        async def accept() -> None:
+            stream = await listener.accept()
+            assert isinstance(stream, trio.SSLStream)
+            await stream.do_handshake()
+            accepted.append(stream)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(accept)
+            plain = await GatheringBackend().connect_tcp("127.0.0.1", sock.getsockname()[1])
+            context = ssl.create_default_context(cafile=str(cert))
+            tls = await plain.start_tls(context, "127.0.0.1")
+        client = tls.get_extra_info("ssl_object")
+        assert isinstance(client, trio.SSLStream)
+        return client, accepted[0]
+
+    for receiving_end in (0, 1):  # the client's, the server's
+        ends = await pair()
+        receiver, sender = ends[receiving_end], ends[1 - receiving_end]
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sender.send_all, bytes(2**20))
+                await trio.sleep(0.2)  # what the socket buffers hold arrives meanwhile
+                raw = await receiver.transport_stream.receive_some()
+                nursery.cancel_scope.cancel()
+        assert 2**16 < len(raw) <= TRANSPORT_READ
+        for end in ends:
+            await trio.aclose_forcefully(end)
+    await listener.aclose()

@@ -1,6 +1,6 @@
 """The client's network streams under httpx: Trio's, with reads over TLS that take every record
 already received (`core.tlsread`) instead of one 16 KiB record each, which cost a client three
-to four times the CPU per byte downloaded over TLS.
+to four times the CPU per byte downloaded over TLS, and that read the socket in larger pieces.
 
 httpcore reads through a pluggable network backend; httpx builds its connection pool without a
 way to pass one, so `use_gathering_reads` sets it on the pools of a client it has just made.
@@ -18,7 +18,7 @@ import httpcore
 import httpx
 import trio
 
-from ..core.tlsread import incoming_of, receive_gathered
+from ..core.tlsread import WideReads, incoming_of, receive_gathered
 
 _CONNECT_ERRORS: dict[type[Exception], type[Exception]] = {
     trio.TooSlowError: httpcore.ConnectTimeout,
@@ -75,8 +75,11 @@ class _Stream(httpcore.AsyncNetworkStream):
         server_hostname: str | None = None,
         timeout: float | None = None,
     ) -> httpcore.AsyncNetworkStream:
+        transport = (
+            WideReads(self._stream) if isinstance(self._stream, trio.SocketStream) else self._stream
+        )
         tls = trio.SSLStream(
-            self._stream, ssl_context, server_hostname=server_hostname, https_compatible=True
+            transport, ssl_context, server_hostname=server_hostname, https_compatible=True
         )
         try:
             with _within(timeout, _CONNECT_ERRORS):
@@ -104,8 +107,8 @@ class _Stream(httpcore.AsyncNetworkStream):
 
     def _socket(self) -> trio.socket.SocketType:
         stream = self._stream
-        while isinstance(stream, trio.SSLStream):
-            stream = stream.transport_stream
+        while isinstance(stream, (trio.SSLStream, WideReads)):
+            stream = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream.inner
         assert isinstance(stream, trio.SocketStream)
         return stream.socket
 

@@ -6,6 +6,10 @@ Quart on the server; httpcore, h11 and httpx on a client. A 1 GiB transfer over 
 such reads and cost each end three to four times the CPU of the same transfer in plain HTTP.
 `receive_gathered` returns the first record and every later one that can be decrypted without
 waiting for the network, up to the size asked for.
+
+Under it, an SSLStream reads its socket 64 KiB at a time (Trio's default); `WideReads` makes
+that TRANSPORT_READ. Records gathered per read are the same; what goes is three of every four
+trips through the socket and the SSLStream's locking around them.
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ import trio
 #: encryption adds (at most 2 KiB in TLS 1.2, 256 bytes in 1.3). This many bytes received hold at
 #: least one whole record, which decrypts without waiting for the network.
 RECORD_MAX = 5 + 2**14 + 2048
+#: What an SSLStream reads from its socket at a time. Against Trio's 64 KiB, 256 KiB took the
+#: server's CPU for a 1 GiB upload over TLS from 5.2-5.3 s to 4.3-4.5 s
+#: (benchmarks/serverio.py's exchange, the server alone); 1 MiB saved no more.
+TRANSPORT_READ = 256 * 1024
 #: Gathering ends after this long at most (1 MiB takes about 1 ms). A read that would have to
 #: wait, because what was received was not data (a post-handshake message), is cancelled then,
 #: which loses nothing. One that has to send first (answering a key update: HTTP clients do not
@@ -53,3 +61,39 @@ async def receive_gathered(
             pieces.append(more)
             size += len(more)
     return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+class WideReads(trio.abc.Stream):
+    """A socket stream for an SSLStream to read TRANSPORT_READ bytes at a time from. Anything
+    else asked of it (Hypercorn reads `.socket`) is the socket stream's."""
+
+    def __init__(self, inner: trio.SocketStream) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(TRANSPORT_READ if max_bytes is None else max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class WideReadsListener(trio.abc.Listener[WideReads]):
+    """Accepts from a SocketListener, for an SSLListener: its streams read TRANSPORT_READ."""
+
+    def __init__(self, inner: trio.SocketListener) -> None:
+        self._inner = inner
+
+    async def accept(self) -> WideReads:
+        return WideReads(await self._inner.accept())
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import resource
+import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -26,7 +28,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
-from ..core.tlsread import incoming_of, receive_gathered
+from ..core.tlsread import WideReadsListener, incoming_of, receive_gathered
 
 log = logging.getLogger("trio_sync.server")
 
@@ -120,6 +122,15 @@ class _Counted(trio.abc.Stream):
                 self._slots = None
 
 
+def listener_for(sock: socket.socket, context: ssl.SSLContext | None) -> trio.abc.Listener[Any]:
+    """Connections on a listening *sock*: over TLS with *context*, plain without. Over TLS the
+    socket is read TRANSPORT_READ at a time (`core.tlsread`)."""
+    plain = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    if context is None:
+        return plain
+    return trio.SSLListener(WideReadsListener(plain), context, https_compatible=True)
+
+
 async def serve(
     app: Any,
     config: Config,
@@ -157,12 +168,8 @@ async def serve(
             ):
                 for sock in group:
                     sock.listen(config.backlog)
-                    listener: trio.abc.Listener[Any] = trio.SocketListener(
-                        trio.socket.from_stdlib_socket(sock)
-                    )
-                    if secure:
-                        assert ssl_context is not None
-                        listener = trio.SSLListener(listener, ssl_context, https_compatible=True)
+                    assert ssl_context is not None or not secure
+                    listener = listener_for(sock, ssl_context if secure else None)
                     listeners.append(_CappedListener(listener, slots))
                     bind = repr_socket_addr(sock.family, sock.getsockname())
                     binds.append(f"{'https' if secure else 'http'}://{bind}")
