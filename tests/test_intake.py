@@ -145,3 +145,27 @@ async def test_wrong_tokens_count_against_uploads_too(server: ServerHandle) -> N
     assert refused.status_code == 429
     assert refused.json()["error"] == "too_many_failures"
     assert 0 < int(refused.headers["Retry-After"]) <= 60
+
+
+async def test_after_refusing_an_upload_the_rest_of_its_body_is_taken_in(tmp_path: Path) -> None:
+    # The intake stops reading a body it refuses; Hypercorn would go on reading it into the
+    # request's queue and, once that is full, wait there, even to say that the connection
+    # closed: the answer's last send hung and the connection was never let go.
+    messages = [b"not a frame header\n"] + [bytes(64 * 1024)] * 40
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        await trio.lowlevel.checkpoint()
+        return {"type": "http.request", "body": messages.pop(0), "more_body": bool(messages)}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    offload = Offload(1)
+    async with offload.running():
+        blobs = await trio.to_thread.run_sync(lambda: DiskBlobStore.open(tmp_path, offload=offload))
+        intake = ChunkIntake(blobs, ChangeHub(), Authenticator(None, TOKEN), offload, body_grace=30)
+        with trio.fail_after(5):
+            await intake(_scope(), receive, send)  # type: ignore[arg-type]
+    assert sent[0]["status"] == 400
+    assert messages == []

@@ -13,6 +13,7 @@ Authentication (`Authenticator.admit`) and the answers (`refusals`) are those of
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -50,6 +51,8 @@ STAGING_BYTES = 16 * 1024 * 1024
 #: Frames up to this size are staged together, one hand-off to a thread for all those of one
 #: piece of the body: a tree of small files sends hundreds of them per request.
 SMALL_FRAME = 16 * 1024
+#: How long the rest of a refused body is taken in, at most, while the connection closes.
+DRAIN_SECONDS = 10.0
 
 
 class _Disconnected(Exception):
@@ -92,9 +95,10 @@ class ChunkIntake:
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
         assert scope["type"] == "http"
+        body = _Body(receive)
         answer: dict[str, Any] | Refusal
         try:
-            answer = await self._handle(scope, receive)
+            answer = await self._handle(scope, body)
         except _Disconnected:
             return  # Hypercorn has closed the stream; there is no one to answer
         except Exception as error:
@@ -104,20 +108,24 @@ class ChunkIntake:
                 refusal = Refusal(500, "internal_error", "the server failed; see its log")
             answer = refusal
         if isinstance(answer, Refusal):
-            status, body, extra = answer.status, answer.body(), answer.headers
+            status, payload, extra = answer.status, answer.body(), answer.headers
         else:
-            status, body, extra = 200, json.dumps(answer).encode(), {}
+            status, payload, extra = 200, json.dumps(answer).encode(), {}
         headers = [
             (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
+            (b"content-length", str(len(payload)).encode()),
             *((name.lower().encode(), value.encode("latin-1")) for name, value in extra.items()),
         ]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        async with trio.open_nursery() as nursery:
+            if not body.ended:
+                # Answered before the body ended (a refusal): Hypercorn goes on reading it into
+                # the request's queue, and once that is full it waits, even to tell us that the
+                # connection closed after this answer. Take what comes until it does.
+                nursery.start_soon(body.drain)
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": payload, "more_body": False})
 
-    async def _handle(
-        self, scope: HTTPScope, receive: ASGIReceiveCallable
-    ) -> dict[str, Any] | Refusal:
+    async def _handle(self, scope: HTTPScope, body: _Body) -> dict[str, Any] | Refusal:
         headers: dict[bytes, bytes] = {}
         for name, value in scope["headers"]:
             headers.setdefault(name, value)
@@ -132,7 +140,7 @@ class ChunkIntake:
         length = headers.get(b"content-length", b"").strip()
         if length.isdigit() and int(length) > MAX_BODY:
             return Refusal(413, "too_large", f"a request body is at most {MAX_BODY} bytes")
-        async with aclosing(_messages(receive)) as pieces:
+        async with aclosing(body.pieces()) as pieces:
             return await self._store(pieces)
 
     async def _store(self, pieces: AsyncIterator[bytes]) -> dict[str, Any]:
@@ -245,15 +253,31 @@ def _held(frame: Frame, decoded: int) -> int:
     return len(frame.payload) + (decoded if frame.encoding != RAW else 0)
 
 
-async def _messages(receive: ASGIReceiveCallable) -> AsyncGenerator[bytes, None]:
+class _Body:
     """The request body, one ASGI message at a time, read only when asked for."""
-    while True:
-        message = await receive()
+
+    def __init__(self, receive: ASGIReceiveCallable) -> None:
+        self._receive = receive
+        self.ended = False  # the last message came, or the client went away
+
+    async def _next(self) -> bytes:
+        message = await self._receive()
         if message["type"] == "http.disconnect":
+            self.ended = True
             raise _Disconnected
         if message["type"] != "http.request":
-            continue
-        if body := message.get("body", b""):
-            yield body
+            return b""
         if not message.get("more_body", False):
-            return
+            self.ended = True
+        return message.get("body", b"")
+
+    async def pieces(self) -> AsyncGenerator[bytes, None]:
+        while not self.ended:
+            if piece := await self._next():
+                yield piece
+
+    async def drain(self) -> None:
+        """Take and drop the rest, for at most DRAIN_SECONDS."""
+        with trio.move_on_after(DRAIN_SECONDS), contextlib.suppress(_Disconnected):
+            while not self.ended:
+                await self._next()
