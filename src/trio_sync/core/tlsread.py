@@ -24,7 +24,7 @@ import trio
 #: least one whole record, which decrypts without waiting for the network.
 RECORD_MAX = 5 + 2**14 + 2048
 #: What an SSLStream reads from its socket at a time. Against Trio's 64 KiB, 256 KiB took the
-#: server's CPU for a 1 GiB upload over TLS from 5.2-5.3 s to 4.3-4.5 s
+#: server's CPU for a 1 GiB upload over TLS from 4.9-5.3 s to 4.2-4.5 s
 #: (benchmarks/serverio.py's exchange, the server alone); 1 MiB saved no more.
 TRANSPORT_READ = 256 * 1024
 #: Gathering ends after this long at most (1 MiB takes about 1 ms). A read that would have to
