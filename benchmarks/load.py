@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 import trio
-from report import cpu_seconds, percentile, write_section
+from report import cpu_seconds, percentile, rss_mib, write_section
 
 from trio_sync.server.tokens import TokenStore
 
@@ -94,14 +94,6 @@ def listener_main(url: str, tokens_file: Path, ready_file: Path, out: Path) -> N
 
 def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 async def drive(

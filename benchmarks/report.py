@@ -34,13 +34,22 @@ def user_system(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def peak_rss_mib(pid: int) -> float:
-    """The peak resident memory of process *pid* so far (`VmHWM`), in MiB."""
+def _status_mib(pid: int, field: str) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The peak resident memory of process *pid* so far (`VmHWM`), in MiB."""
+    return _status_mib(pid, "VmHWM")
+
+
+def rss_mib(pid: int) -> float:
+    """The resident memory of process *pid* now (`VmRSS`), in MiB."""
+    return _status_mib(pid, "VmRSS")
 
 
 def cpu_seconds(pid: int) -> float:
