@@ -16,7 +16,7 @@ import trio
 import trio.testing
 
 from trio_sync.client.engine import Engine
-from trio_sync.client.network import GatheringBackend, use_gathering_reads
+from trio_sync.client.network import GatheringBackend, _Stream, use_gathering_reads
 from trio_sync.client.remote import Remote
 from trio_sync.config import ClientConfig
 from trio_sync.core.hashing import hash_bytes
@@ -26,7 +26,7 @@ from trio_sync.core.tls import (
     make_self_signed,
     parse_fingerprint,
 )
-from trio_sync.core.tlsread import TRANSPORT_READ
+from trio_sync.core.tlsread import TLS_WRITE, TRANSPORT_READ
 from trio_sync.errors import ServerNotTrusted
 from trio_sync.protocol.frames import RAW, Frame
 from trio_sync.server.listen import _Counted, listener_for
@@ -195,3 +195,65 @@ async def test_both_ends_read_their_socket_in_large_pieces_over_tls(tmp_path: Pa
         for end in ends:
             await trio.aclose_forcefully(end)
     await listener.aclose()
+
+
+class _Wire(trio.abc.Stream):
+    """A transport that notes the size of every write."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.writes: list[int] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(len(data))
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_both_ends_hand_tls_a_bounded_piece_at_a_time(tmp_path: Path) -> None:
+    # An SSLStream encrypts all it is given into a memory buffer before sending it, and
+    # OpenSSL's buffers keep their largest size while the connection lasts: a 2 MiB chunk in
+    # one write held 2 MiB per connection, which took the server over its memory target.
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    make_self_signed(cert, key, "127.0.0.1")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    client_context = ssl.create_default_context(cafile=str(cert))
+    client_raw, server_raw = trio.testing.memory_stream_pair()
+    client_wire, server_wire = _Wire(client_raw), _Wire(server_raw)
+    client_tls = trio.SSLStream(client_wire, client_context, server_hostname="127.0.0.1")
+    server_tls = trio.SSLStream(server_wire, server_context, server_side=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client_tls.do_handshake)
+        nursery.start_soon(server_tls.do_handshake)
+    client = _Stream(client_tls)  # as the client's network backend makes it
+    server = _Counted(server_tls, trio.Semaphore(1))  # as the server's listener does
+    payload = bytes(range(256)) * 8192  # 2 MiB
+
+    async def received(receive: Callable[[int], Any]) -> bytes:
+        got = bytearray()
+        while len(got) < len(payload):
+            got += await receive(2**20)
+        return bytes(got)
+
+    for wire, send, receive in (
+        (client_wire, client.write, server.receive_some),
+        (server_wire, server.send_all, client_tls.receive_some),
+    ):
+        wire.writes.clear()
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send, payload)
+                assert await received(receive) == payload
+        assert sum(wire.writes) > len(payload)  # all of it, in records
+        assert max(wire.writes) <= TLS_WRITE + 1024  # a record's overhead is 22 bytes
+    await client.aclose()
+    await server.aclose()

@@ -18,7 +18,7 @@ import httpcore
 import httpx
 import trio
 
-from ..core.tlsread import WideReads, incoming_of, receive_gathered
+from ..core.tlsread import WideReads, incoming_of, receive_gathered, send_bounded
 
 _CONNECT_ERRORS: dict[type[Exception], type[Exception]] = {
     trio.TooSlowError: httpcore.ConnectTimeout,
@@ -64,7 +64,10 @@ class _Stream(httpcore.AsyncNetworkStream):
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         if buffer:
             with _within(timeout, _WRITE_ERRORS):
-                await self._stream.send_all(buffer)
+                if self._incoming is None:
+                    await self._stream.send_all(buffer)
+                else:
+                    await send_bounded(self._stream, buffer)
 
     async def aclose(self) -> None:
         await self._stream.aclose()

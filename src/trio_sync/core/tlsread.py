@@ -10,6 +10,9 @@ waiting for the network, up to the size asked for.
 Under it, an SSLStream reads its socket 64 KiB at a time (Trio's default); `WideReads` makes
 that TRANSPORT_READ. Records gathered per read are the same; what goes is three of every four
 trips through the socket and the SSLStream's locking around them.
+
+Writes go the other way through `send_bounded`, at most TLS_WRITE at a time, so that what each
+connection's buffers hold stays bounded whatever size a write is.
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ RECORD_MAX = 5 + 2**14 + 2048
 #: server's CPU for a 1 GiB upload over TLS from 4.9-5.3 s to 4.2-4.5 s
 #: (benchmarks/serverio.py's exchange, the server alone); 1 MiB saved no more.
 TRANSPORT_READ = 256 * 1024
+#: The most plaintext given to an SSLStream's `send_all` at once. It encrypts all it is given
+#: into its outgoing memory buffer before sending any, and OpenSSL's memory buffers keep the
+#: largest size they ever held for the connection's life: a 2 MiB chunk sent in one write left
+#: 2 MiB held by that connection until it closed.
+TLS_WRITE = 256 * 1024
 #: Gathering ends after this long at most (1 MiB takes about 1 ms). A read that would have to
 #: wait, because what was received was not data (a post-handshake message), is cancelled then,
 #: which loses nothing. One that has to send first (answering a key update: HTTP clients do not
@@ -61,6 +69,16 @@ async def receive_gathered(
             pieces.append(more)
             size += len(more)
     return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+async def send_bounded(stream: trio.abc.Stream, data: bytes | bytearray | memoryview) -> None:
+    """`stream.send_all(data)`, in pieces of at most TLS_WRITE."""
+    if len(data) <= TLS_WRITE:
+        await stream.send_all(data)
+        return
+    view = memoryview(data)
+    for start in range(0, len(view), TLS_WRITE):
+        await stream.send_all(view[start : start + TLS_WRITE])
 
 
 class WideReads(trio.abc.Stream):

@@ -28,7 +28,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
-from ..core.tlsread import WideReadsListener, incoming_of, receive_gathered
+from ..core.tlsread import WideReadsListener, incoming_of, receive_gathered, send_bounded
 
 log = logging.getLogger("trio_sync.server")
 
@@ -100,7 +100,10 @@ class _Counted(trio.abc.Stream):
         return getattr(self._inner, name)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._inner.send_all(data)
+        if self._incoming is None:
+            await self._inner.send_all(data)
+        else:
+            await send_bounded(self._inner, data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._inner.wait_send_all_might_not_block()
