@@ -15,11 +15,11 @@ import pytest
 import trio
 from httpx_sse import aconnect_sse
 
-from trio_sync.client.early import EARLY_MIN_SIZE
+from trio_sync.client.early import EARLY_MIN_SIZE, EARLY_STEP
 from trio_sync.client.transfer import AHEAD_WINDOW, PARTIAL_DIR, partial_name
 from trio_sync.core.hashing import content_hash, cut, hash_bytes
 from trio_sync.protocol.frames import MISSING, RAW, FrameParser, frame_header
-from trio_sync.protocol.models import MAX_ANNOUNCED_CHUNKS, Chunk
+from trio_sync.protocol.models import MAX_ANNOUNCED_CHUNKS, MAX_STEP_CHUNKS, Chunk
 from trio_sync.protocol.paths import STATE_DIR_NAME
 
 from .conftest import TOKEN, ServerHandle, eventually, in_sync, traffic
@@ -49,6 +49,31 @@ def announcement(path: str, pieces: list[tuple[Chunk, bytes]]) -> dict[str, Any]
         "size": sum(c.size for c in chunks),
         "chunks": [[c.hash, c.size] for c in chunks],
     }
+
+
+UPLOAD_ID = "5e" * 16
+
+
+def step(
+    path: str,
+    content: bytes,
+    pieces: list[tuple[Chunk, bytes]],
+    start: int,
+    stop: int,
+    *,
+    last: bool = False,
+) -> dict[str, Any]:
+    """An announcement of *pieces[start:stop]* as one step of the upload of *content*."""
+    body: dict[str, Any] = {
+        "path": path,
+        "upload": UPLOAD_ID,
+        "size": len(content),
+        "offset": sum(c.size for c, _ in pieces[:start]),
+        "chunks": [[c.hash, c.size] for c, _ in pieces[start:stop]],
+    }
+    if last:
+        body["hash"] = content_hash([c for c, _ in pieces])
+    return body
 
 
 async def upload(client: httpx.AsyncClient, pieces: list[tuple[Chunk, bytes]]) -> None:
@@ -196,6 +221,53 @@ async def test_a_fetch_wait_is_bounded(server: ServerHandle, wait: object) -> No
     assert response.status_code == 400
 
 
+async def test_an_announcement_in_steps_goes_to_the_other_streams_step_by_step(
+    server: ServerHandle,
+) -> None:
+    content = random.Random(15).randbytes(3 * MiB)
+    pieces = chunked(content)
+    seen: Events = []
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(follow, server, "B", seen, 1)
+            async with http(server, "A") as a:
+                for body in (
+                    step("big.bin", content, pieces, 0, 2),
+                    step("big.bin", content, pieces, 2, len(pieces), last=True),
+                ):
+                    response = await a.post("/announce", json=body)
+                    assert response.status_code == 200, response.text
+                await upload(a, pieces)
+                await commit(a, "big.bin", pieces)
+    first, last, change = seen
+    assert (first[0], first[2]["upload"], first[2]["offset"]) == ("incoming", UPLOAD_ID, 0)
+    assert "hash" not in first[2]
+    assert last[2]["offset"] == sum(c.size for c, _ in pieces[:2])
+    assert last[2]["hash"] == change[2]["hash"] == content_hash([c for c, _ in pieces])
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"upload": "not-an-id"},
+        {"offset": -1},
+        {"size": 100},  # the chunks reach past the size
+        {"hash": "0" * 64},  # a last step must reach the size
+        {"chunks": []},  # nor hash: an empty step
+        {"chunks": [["0" * 64, 1000], ["1" * 64, 1000]]},  # a short chunk before the file's end
+        {"chunks": [["0" * 64, 200_000]] * (MAX_STEP_CHUNKS + 1)},
+    ],
+    ids=["upload-id", "offset", "past-size", "hash-short", "empty", "short-chunk", "too-many"],
+)
+async def test_bad_steps_are_refused(server: ServerHandle, damage: dict[str, Any]) -> None:
+    content = random.Random(16).randbytes(MiB)
+    pieces = chunked(content)
+    async with http(server) as client:
+        body = {**step("f.bin", content, pieces, 0, 1), **damage}
+        response = await client.post("/announce", json=body)
+    assert response.status_code == 400, response.text
+
+
 # -- the clients ------------------------------------------------------------------------------
 
 
@@ -224,6 +296,36 @@ async def test_a_client_announces_a_big_upload_before_it_commits_it_and_not_a_sm
     edit = events[-1]
     assert (edit[0], edit[2]["path"]) == ("change", "big.bin")
     assert edit[2]["hash"] != committed["hash"]
+
+
+async def test_a_file_sent_while_it_is_hashed_is_announced_step_by_step(
+    start_client: Start, server: ServerHandle, tmp_path: Path
+) -> None:
+    content = random.Random(20).randbytes(2 * EARLY_STEP + 8 * MiB)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "big.bin").write_bytes(content)
+    events: Events = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(follow, server, "watcher", events, 1)
+            await start_client("a")
+            (staging / "big.bin").rename(tmp_path / "a/big.bin")
+    *steps, (kind, _, committed) = events
+    assert kind == "change"
+    assert {(e, d["upload"], d["origin"]) for e, _, d in steps} == {
+        ("incoming", steps[0][2]["upload"], "a")
+    }
+    at = 0
+    for _, _, d in steps:  # each step follows on
+        assert d["offset"] == at
+        at += sum(n for _, n in d["chunks"])
+    assert at == len(content)
+    assert len(steps) >= 3  # one per cut (16 MiB each), the last with the hash
+    chunks = [Chunk(h, n) for _, _, d in steps for h, n in d["chunks"]]
+    assert [c.to_json() for c in chunks] == committed["chunks"]
+    assert ["hash" in d for _, _, d in steps] == [False] * (len(steps) - 1) + [True]
+    assert steps[-1][2]["hash"] == committed["hash"]
 
 
 async def test_a_client_fetches_an_announced_upload_as_it_arrives(
@@ -256,6 +358,67 @@ async def test_a_client_fetches_an_announced_upload_as_it_arrives(
     # The download found every chunk in place: only the event and no chunk crossed the wire.
     assert after["bytes_out"] - before_commit["bytes_out"] < SLACK
     assert not partial.exists()
+
+
+async def test_a_client_fetches_an_upload_announced_in_steps_before_its_hash_is_known(
+    start_client: Start, server: ServerHandle, tmp_path: Path
+) -> None:
+    # The second half repeats the first: chunks fetched for the first step are copied, not
+    # fetched again, for the second.
+    half = random.Random(17).randbytes(6 * MiB)
+    content = half + half + random.Random(18).randbytes(2 * MiB)
+    pieces = chunked(content)
+    middle = next(i for i, (c, _) in enumerate(pieces) if c.hash in {p.hash for p, _ in pieces[:i]})
+    b = tmp_path / "b"
+    partials = b / STATE_DIR_NAME / PARTIAL_DIR
+    await start_client("b")
+    async with http(server, "A") as a:
+        start = await traffic(server)
+        response = await a.post("/announce", json=step("big.bin", content, pieces, 0, middle))
+        assert response.status_code == 200, response.text
+        await upload(a, pieces[:middle])
+        first = sum(c.size for c, _ in pieces[:middle])
+        await wait_for_bytes_out(server, start, first)  # B fetched them: no hash yet
+        response = await a.post(
+            "/announce", json=step("big.bin", content, pieces, middle, len(pieces), last=True)
+        )
+        assert response.status_code == 200, response.text
+        await upload(a, pieces[middle:])
+        unique = {c.hash: c.size for c, _ in pieces}
+        await wait_for_bytes_out(server, start, sum(unique.values()))
+        (partial,) = partials.iterdir()
+        await eventually(lambda: partial.read_bytes() == content)
+        before_commit = await traffic(server)
+        await commit(a, "big.bin", pieces)
+    await eventually(lambda: (b / "big.bin").exists() and (b / "big.bin").read_bytes() == content)
+    after = await traffic(server)
+    # Every chunk crossed the wire once, ahead of the commit; the download found them all.
+    assert after["bytes_out"] - start["bytes_out"] < sum(unique.values()) + SLACK
+    assert after["bytes_out"] - before_commit["bytes_out"] < SLACK
+    await eventually(lambda: not list(partials.iterdir()))
+
+
+async def test_a_missed_step_stops_the_fetch_ahead_and_the_download_still_lands(
+    start_client: Start, server: ServerHandle, tmp_path: Path
+) -> None:
+    content = random.Random(19).randbytes(12 * MiB)
+    pieces = chunked(content)
+    third = len(pieces) // 3
+    b = tmp_path / "b"
+    await start_client("b")
+    async with http(server, "A") as a:
+        start = await traffic(server)
+        await a.post("/announce", json=step("big.bin", content, pieces, 0, third))
+        await upload(a, pieces[:third])
+        await wait_for_bytes_out(server, start, sum(c.size for c, _ in pieces[:third]))
+        # The step from `third` to `2 * third` never reaches B; the next one does not follow on.
+        await a.post(
+            "/announce", json=step("big.bin", content, pieces, 2 * third, len(pieces), last=True)
+        )
+        await upload(a, pieces[third:])
+        await commit(a, "big.bin", pieces)
+    await eventually(lambda: (b / "big.bin").exists() and (b / "big.bin").read_bytes() == content)
+    await eventually(lambda: not list((b / STATE_DIR_NAME / PARTIAL_DIR).iterdir()))
 
 
 async def wait_for_bytes_out(server: ServerHandle, start: dict[str, Any], at_least: int) -> None:

@@ -34,6 +34,12 @@ R = TypeVar("R")
 
 #: Payload bytes per `POST /chunks` or `POST /chunks/fetch` (the server accepts up to 17 MiB).
 BATCH_BYTES = 8 * 1024 * 1024
+#: Uploads go in smaller batches, more of them in flight: the server answers each only once
+#: its chunks are durable, and answers requests that end together with one shared sync, so
+#: two big ones in flight end together and the link idles while the next two are read and
+#: sent. Four of 4 MiB keep one on the wire while others wait for the disk.
+PUT_BATCH_BYTES = 4 * 1024 * 1024
+PUTS_IN_FLIGHT = 4
 #: A batch waits for more calls while they keep arriving (each within GATHER_STEP seconds of
 #: the last), for up to GATHER_STEPS steps, unless it is full. Small files are processed at
 #: several hundred a second, so a tree of them becomes batches of dozens (about 65 files per
@@ -184,9 +190,9 @@ class Batches:
         self._put: Batcher[Frame, bool] = Batcher(
             self._send_put,
             max_items=1000,
-            max_bytes=BATCH_BYTES,
+            max_bytes=PUT_BATCH_BYTES,
             size=_put_size,
-            parallel=2,
+            parallel=PUTS_IN_FLIGHT,
         )
         self._fetch: Batcher[tuple[str, int], Frame] = Batcher(
             self._send_fetch,
@@ -272,4 +278,4 @@ def _put_size(frame: Frame) -> int:
     the server lets one request decode to, whichever is more (a well compressed chunk is small
     on the wire only)."""
     decoded = decoded_size(frame.encoding, frame.payload)
-    return max(len(frame.payload), -(-decoded * BATCH_BYTES // MAX_DECODED_PER_REQUEST))
+    return max(len(frame.payload), -(-decoded * PUT_BATCH_BYTES // MAX_DECODED_PER_REQUEST))

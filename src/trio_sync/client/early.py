@@ -9,6 +9,11 @@ The scanner hands each step's chunks to `EarlySend.cut`; one task asks the serve
 it lacks, another sends those, in file order, within the shared byte budget. If the engine then
 uploads, `Transfer.upload` takes over: it waits for both, and sends only what they did not. Any
 error here only ends the head start; the upload that follows meets it again and handles it.
+
+Once the server lacks enough of the file to be worth it, each step is also announced to the
+other clients (`POST /announce` with an upload id), so that they fetch the chunks as they land
+instead of waiting for the whole file to be hashed; `finish` sends the hash that ends the
+announcement, once the engine has decided to upload.
 """
 
 from __future__ import annotations
@@ -16,15 +21,22 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
+import uuid
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from ..core.budget import ByteBudget
 from ..core.offload import Offload
-from ..errors import TrioSyncError
+from ..errors import ProtocolError, RemoteError, TrioSyncError
 from ..protocol.frames import Frame
-from ..protocol.models import Chunk
+from ..protocol.models import (
+    ANNOUNCE_MIN_SIZE,
+    MAX_ANNOUNCED_CHUNKS,
+    MAX_STEP_CHUNKS,
+    Chunk,
+    Incoming,
+)
 from .batching import Batches
 from .index import StatKey
 from .progress import UP, Moving, Progress
@@ -35,8 +47,10 @@ log = logging.getLogger("trio_sync.client")
 EARLY_MIN_SIZE = 16 * 1024 * 1024
 #: Bytes the scanner cuts between two hand-overs (one thread call each).
 EARLY_STEP = 16 * 1024 * 1024
-#: Chunk sends in flight at once (each also holds its bytes in the byte budget).
-EARLY_IN_FLIGHT = 32
+#: Chunk sends in flight at once (each also holds its bytes in the byte budget): a few more than
+#: the upload batches in flight hold at the average chunk size, so that the next batch is read
+#: and ready when one is answered.
+EARLY_IN_FLIGHT = 40
 
 Located = tuple[Chunk, int]  # a chunk and its offset in the file
 
@@ -56,6 +70,7 @@ class EarlySend:
         open_file: Callable[[], int],
         read_frame: Callable[[int, Chunk, int], Frame],
         done_writing: Callable[[StatKey], bool],
+        announce: Callable[[Incoming], Awaitable[None]],
         progress: Progress,
     ) -> None:
         self.path = path
@@ -66,6 +81,7 @@ class EarlySend:
         self._open_file = open_file
         self._read_frame = read_frame
         self._done_writing = done_writing
+        self._announce = announce
         self._progress = progress
         self._moving: Moving | None = None  # from the first cut on
         self._size = 0
@@ -77,6 +93,14 @@ class EarlySend:
         #: Ended before it was done (an error, or a chunk the server refused): `lacking` may
         #: be incomplete.
         self.cut_short = False
+        self._upload = uuid.uuid4().hex
+        self._unannounced: list[Located] = []  # cut, not announced yet
+        self._lacking_bytes = 0
+        self._announced_end = 0  # the file's bytes announced so far
+        self._announced_chunks = 0
+        #: Steps were announced (all of them so far, in order): `finish` ends the announcement.
+        self.announcing = False
+        self._announce_failed = False
 
     @property
     def started(self) -> bool:
@@ -161,20 +185,67 @@ class EarlySend:
                         fresh += cuts.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
+                if not self._announce_failed:  # every chunk, repeats too: they place the file
+                    self._unannounced += fresh
                 fresh = [(c, at) for c, at in fresh if c.hash not in seen]
                 seen.update(c.hash for c, _ in fresh)
-                if not fresh:
-                    continue
                 hashes = tuple(dict.fromkeys(c.hash for c, _ in fresh))
-                lacking = await self._batches.missing(hashes)
+                lacking = await self._batches.missing(hashes) if hashes else set()
                 for chunk, at in fresh:
                     if chunk.hash in lacking:
                         self.lacking.add(chunk.hash)
+                        self._lacking_bytes += chunk.size
                         to_send.send_nowait((chunk, at))
                     else:
                         self.stored.add(chunk.hash)
                         self._moved(chunk.size)
+                await self._announce_steps()
             self._asked.set()
+
+    async def _announce_steps(self) -> None:
+        """Announce what was cut since the last step, once the upload is big enough to be worth
+        it to the other clients (as `Transfer._announce` decides for a whole file)."""
+        if self._announce_failed:
+            return
+        if self._announced_chunks + len(self._unannounced) > MAX_ANNOUNCED_CHUNKS:
+            self._give_up_announcing("too many chunks to announce")
+            return
+        if self._lacking_bytes < ANNOUNCE_MIN_SIZE:
+            return
+        while self._unannounced:
+            step = self._unannounced[:MAX_STEP_CHUNKS]
+            del self._unannounced[:MAX_STEP_CHUNKS]
+            chunks = tuple(c for c, _ in step)
+            if not await self._announce_step(chunks, None):
+                return
+            self._announced_chunks += len(chunks)
+            self._announced_end = step[-1][1] + step[-1][0].size
+            self.announcing = True
+
+    async def finish(self, hash: str, size: int) -> bool:
+        """The scan is over and the engine uploads the version it found: send the hash that
+        ends the announcement. Call after `asked`. False if there is none to end (not
+        announced, or not all of it)."""
+        if not self.announcing or self._announce_failed or size != self._announced_end:
+            return False
+        return await self._announce_step((), hash)
+
+    async def _announce_step(self, chunks: tuple[Chunk, ...], hash: str | None) -> bool:
+        step = Incoming(
+            self.path, hash, self._size, chunks, upload=self._upload, offset=self._announced_end
+        )
+        try:
+            await self._announce(step)
+        except (RemoteError, ProtocolError) as e:
+            self._give_up_announcing(str(e))
+            return False
+        return True
+
+    def _give_up_announcing(self, why: str) -> None:
+        """Only a head start for the others: whoever fetches ahead stops when nothing more comes."""
+        log.debug("%s: announcing no more steps: %s", self.path, why)
+        self._announce_failed = True
+        self._unannounced.clear()
 
     async def _send(self, sending: trio.MemoryReceiveChannel[Located]) -> None:
         fd: int | None = None

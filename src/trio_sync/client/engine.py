@@ -51,6 +51,7 @@ from ..protocol.models import CHUNKER, DIR, FileEntry, Incoming, is_valid_name
 from ..protocol.paths import STATE_DIR_NAME, is_valid_path
 from ..protocol.sse import ServerSentEvent
 from . import status
+from .ahead import Announced
 from .batching import Batches
 from .conflicts import normalize_name
 from .early import EarlySend
@@ -124,7 +125,10 @@ class Engine:
         self._last_error: str | None = None
         self._scanner = Scanner(self.root, self._io)
         #: Where the event listener hands announced uploads to be fetched ahead (live mode).
-        self._ahead: trio.MemorySendChannel[Incoming] | None = None
+        self._ahead: trio.MemorySendChannel[Announced] | None = None
+        #: Uploads announced in steps and handed on, by (origin, upload id): later steps are
+        #: added to them.
+        self._announced: dict[tuple[str, str], Announced] = {}
         self._parking = Parking(self.state_dir / "tmp")
         self._partials = PartialFiles(config.ahead_keep_seconds)
         #: Chunk bytes all workers together may hold in memory at once.
@@ -345,11 +349,23 @@ class Engine:
             return
         if self._ahead is None or self._scanner.ignore.ignored(incoming.path, is_dir=False):
             return
-        with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
-            self._ahead.send_nowait(incoming)
+        if incoming.upload:
+            known = self._announced.get((incoming.origin, incoming.upload))
+            if known is not None:
+                known.add(incoming)
+                return
+            if incoming.offset != 0:
+                return  # its start was missed: the download fetches it when it is committed
+        announced = Announced(incoming)
+        try:
+            self._ahead.send_nowait(announced)
+        except (trio.WouldBlock, trio.BrokenResourceError):
+            return
+        if announced.key is not None:
+            self._announced[announced.key] = announced
 
     async def _fetch_ahead(
-        self, transfer: Transfer, incoming: trio.MemoryReceiveChannel[Incoming]
+        self, transfer: Transfer, incoming: trio.MemoryReceiveChannel[Announced]
     ) -> None:
         """Fetch announced uploads while they arrive; their downloads, once committed, find
         the work done. A failure here only loses the head start."""
@@ -357,7 +373,7 @@ class Engine:
         slots = trio.Semaphore(AHEAD_AT_ONCE)
         waiting = 0
 
-        async def one(item: Incoming, scope: trio.CancelScope) -> None:
+        async def one(item: Announced, scope: trio.CancelScope) -> None:
             nonlocal waiting
             try:
                 async with slots:
@@ -366,17 +382,24 @@ class Engine:
                 log.debug("fetched %d bytes of %s ahead of its commit", fetched, item.path)
             except (TrioSyncError, OSError) as e:
                 log.debug("fetching %s ahead stopped: %s", item.path, e)
+            finally:
+                self._forget_announced(item)
 
         async with incoming, trio.open_nursery() as nursery:
             async for item in incoming:
-                if waiting >= AHEAD_QUEUE:
-                    continue  # only a head start: not worth a growing backlog
                 # Planned here, as each arrives, so that a newer version cancels an older one
                 # at once, even one still waiting for a slot.
-                scope = transfer.plan_ahead(item)
-                if scope is not None:
+                scope = None if waiting >= AHEAD_QUEUE else transfer.plan_ahead(item)
+                if scope is None:
+                    # Not fetched: only a head start, not worth a growing backlog.
+                    self._forget_announced(item)
+                else:
                     waiting += 1
                     nursery.start_soon(one, item, scope)
+
+    def _forget_announced(self, item: Announced) -> None:
+        if item.key is not None and self._announced.get(item.key) is item:
+            del self._announced[item.key]
 
     def _live_remote_below(self, path: str) -> list[str]:
         assert self.remote_state is not None
@@ -496,7 +519,7 @@ class Engine:
         await nursery.start(landing.run)
         transfer = self._transfer(batches, remote, landing)
         if ahead:
-            self._ahead, announced = trio.open_memory_channel[Incoming](AHEAD_QUEUE)
+            self._ahead, announced = trio.open_memory_channel[Announced](AHEAD_QUEUE)
             nursery.start_soon(self._fetch_ahead, transfer, announced)
         for _ in range(self.config.workers):
             nursery.start_soon(self._worker, transfer)

@@ -49,6 +49,7 @@ from ..protocol.models import (
     FileEntry,
     Incoming,
 )
+from .ahead import Announced
 from .batching import Batches
 from .conflicts import free_conflict_name, move_aside
 from .early import EarlySend
@@ -61,8 +62,8 @@ from .scanner import LocalFile, anchored, dir_key, stat_key
 log = logging.getLogger("trio_sync.client")
 T = TypeVar("T")
 
-#: Chunks of one file in flight at once, within the byte budget: enough to fill a batch
-#: (BATCH_BYTES) while the previous one is on the wire.
+#: Chunks of one file in flight at once, within the byte budget: enough to fill the upload
+#: batches in flight (batching.PUTS_IN_FLIGHT of PUT_BATCH_BYTES) at the average chunk size.
 CHUNKS_IN_FLIGHT = 32
 #: Downloads at least this big keep their partial file in the state folder across restarts.
 RESUME_MIN_SIZE = 8 * 1024 * 1024
@@ -148,6 +149,22 @@ class PartialFiles:
         #: Dropped *keep_ahead* seconds after.
         self.filled_ahead: dict[Path, float] = {}
         self.keep_ahead = keep_ahead
+        #: Files fetched ahead of announcements made in steps: named by the upload, since the
+        #: version's hash came only at the end. A download of that version builds on them.
+        self.by_upload: dict[Path, Announced] = {}
+
+    def work_for(self, folder: Path, path: str, content_hash: str) -> Path:
+        """The partial file for a download of *content_hash* to *path*, in *folder*."""
+        for work, announced in self.by_upload.items():
+            if announced.path == path and announced.hash == content_hash:
+                return work
+        return folder / partial_name(path, content_hash)
+
+    def forget(self, work: Path) -> None:
+        """*work* is gone, or about to be."""
+        self.held.pop(work, None)
+        self.filled_ahead.pop(work, None)
+        self.by_upload.pop(work, None)
 
     @asynccontextmanager
     async def claim(self, work: Path) -> AsyncIterator[None]:
@@ -231,6 +248,7 @@ class Transfer:
             open_file=partial(self._open_to_read, path),
             read_frame=self._read_frame,
             done_writing=done_writing,
+            announce=self._remote.announce,
             progress=self.progress,
         )
         try:
@@ -264,7 +282,9 @@ class Transfer:
         if early is not None and early.started:
             # Sending began while the file was hashed: announce, let it finish, send the rest.
             await early.asked()
-            if not early.cut_short:  # else the rest is asked about below, and announced then
+            if await early.finish(local.hash, local.stat.size):
+                announced = True  # step by step, as it was cut
+            elif not early.cut_short:  # else the rest is asked about below, and announced then
                 await self._announce(local, early.lacking)
                 announced = True
             await early.sent()
@@ -418,7 +438,7 @@ class Transfer:
         # Big downloads keep their partial file across restarts and resume from it.
         resumable = entry.size >= RESUME_MIN_SIZE
         work = (
-            self.partial_dir / partial_name(entry.path, entry.hash)
+            self._partials.work_for(self.partial_dir, entry.path, entry.hash)
             if resumable
             else self._temp_name()
         )
@@ -465,7 +485,7 @@ class Transfer:
                     if fd >= 0:
                         os.close(fd)
                 final = await self._thread(self._place, work, entry.path, expected)
-                self._partials.held.pop(work, None)
+                self._partials.forget(work)
                 # Recorded before the claim ends: a fetch-ahead of this version waiting for it
                 # must see that the file is here, or it would fill a new partial file.
                 await self.index.put(BaseEntry.synced(entry, final, we_wrote_it=True))
@@ -476,61 +496,66 @@ class Transfer:
                         await self._thread(unlink_quietly, work)
         return fetched
 
-    def plan_ahead(self, incoming: Incoming) -> trio.CancelScope | None:
-        """Whether to fetch *incoming* ahead: the cancel scope to run `fetch_ahead` in, or None.
-        Called in the order the announcements arrive: a newer version of a path cancels the
-        fetch-ahead of the older one, whose uploader has moved on."""
-        work = self.partial_dir / partial_name(incoming.path, incoming.hash)
-        if incoming.size < RESUME_MIN_SIZE or work in self._partials.claims or self._have(incoming):
+    def plan_ahead(self, announced: Announced) -> trio.CancelScope | None:
+        """Whether to fetch *announced* ahead: the cancel scope to run `fetch_ahead` in, or
+        None. Called in the order the announcements arrive: a newer version of a path cancels
+        the fetch-ahead of the older one, whose uploader has moved on."""
+        work = self._ahead_work(announced)
+        if announced.size < RESUME_MIN_SIZE or work in self._partials.claims:
             return None
-        older = self._ahead.get(incoming.path)
+        if self._have(announced):
+            return None
+        older = self._ahead.get(announced.path)
         if older is not None:
             older.cancel()
-        scope = self._ahead[incoming.path] = trio.CancelScope()
+        scope = self._ahead[announced.path] = trio.CancelScope()
         return scope
 
-    def _have(self, incoming: Incoming) -> bool:
-        base = self.index.get(incoming.path)
-        return base is not None and base.hash == incoming.hash
+    def _ahead_work(self, announced: Announced) -> Path:
+        if announced.upload:  # named before its hash is known
+            return self.partial_dir / partial_name(announced.path, announced.upload)
+        assert announced.hash is not None
+        return self.partial_dir / partial_name(announced.path, announced.hash)
 
-    async def fetch_ahead(self, incoming: Incoming, scope: trio.CancelScope) -> int:
+    def _have(self, announced: Announced) -> bool:
+        base = self.index.get(announced.path)
+        return base is not None and base.hash == announced.hash
+
+    async def fetch_ahead(self, announced: Announced, scope: trio.CancelScope) -> int:
         """Fetch the chunks of a file another client is uploading into its partial file, as
         they reach the server, so that its download has little left to do when the commit
         comes. Stops when the chunks stop coming. Returns the bytes fetched."""
-        work = self.partial_dir / partial_name(incoming.path, incoming.hash)
+        work = self._ahead_work(announced)
         with scope:
             try:
                 await self.drop_stale_ahead()
-                await self._drop_stale_partials(incoming.path, work)
+                await self._drop_stale_partials(announced.path, work)
                 kept, free = await self._thread(_partial_usage, self.partial_dir, work)
-                if kept + incoming.size > self._space.ahead_quota or incoming.size > free // 2:
+                if kept + announced.size > self._space.ahead_quota or announced.size > free // 2:
                     log.info(
                         "not fetching %s ahead: %d bytes would pass the quota (%d kept) or"
-                        " half the free space (%d)", incoming.path, incoming.size, kept, free,
+                        " half the free space (%d)", announced.path, announced.size, kept, free,
                     )  # fmt: skip
                     return 0
                 async with self._partials.claim(work):
-                    if self._have(incoming):
+                    if self._have(announced):
                         return 0  # committed and downloaded while we waited for the file
-                    sources = {c.hash: self.index.chunk_sources(c.hash) for c in incoming.chunks}
+                    if announced.upload:
+                        self._partials.by_upload[work] = announced
                     fd, held = await self._open_work(work, None)
-                    moving: Moving | None = None
                     try:
-                        needed = await self._thread(
-                            self._fill_locally, fd, incoming.chunks, incoming.size, sources, held
-                        )
-                        moving = self.progress.begin(
-                            incoming.path, DOWN, incoming.size, _held(incoming, needed)
-                        )
-                        return await self._fetch_arriving(fd, needed, held, moving)
+                        return await _Arriving(self, fd, announced, held).run()
                     finally:
-                        if moving is not None:
-                            self.progress.end(moving)
                         os.close(fd)
-                        self._partials.filled_ahead[work] = trio.current_time()
+                        if announced.broken:  # no version will be known by it: of no use
+                            self._partials.forget(work)
+                            with trio.CancelScope(shield=True):
+                                await self._thread(unlink_quietly, work)
+                        else:
+                            self._partials.filled_ahead[work] = trio.current_time()
             finally:
-                if self._ahead.get(incoming.path) is scope:
-                    del self._ahead[incoming.path]
+                if self._ahead.get(announced.path) is scope:
+                    del self._ahead[announced.path]
         return 0  # cancelled: a newer version was announced
 
     async def drop_stale_ahead(self) -> None:
@@ -541,9 +566,9 @@ class Transfer:
             if work in self._partials.claims:
                 continue  # in use again: a download takes it, or a fetch-ahead refreshes it
             async with self._partials.claim(work):
-                if self._partials.filled_ahead.pop(work, None) is None:
+                if work not in self._partials.filled_ahead:
                     continue  # a download took it meanwhile
-                self._partials.held.pop(work, None)
+                self._partials.forget(work)
                 await self._thread(unlink_quietly, work)
 
     async def _drop_stale_partials(self, path: str, keep: Path) -> None:
@@ -555,64 +580,8 @@ class Transfer:
         for other in found:
             if other != keep:
                 async with self._partials.claim(other):
-                    self._partials.filled_ahead.pop(other, None)
-                    self._partials.held.pop(other, None)
+                    self._partials.forget(other)
                     await self._thread(unlink_quietly, other)
-
-    async def _fetch_arriving(
-        self, fd: int, needed: dict[str, tuple[int, list[int]]], held: set[int], moving: Moving
-    ) -> int:
-        fetched = 0
-        got: set[str] = set()
-
-        async def arrived(frame: Frame) -> None:
-            nonlocal fetched
-            if frame.encoding == MISSING or frame.hash not in needed or frame.hash in got:
-                return
-            chunk_size, offsets = needed[frame.hash]
-            # Counted while it is decoded and written, not while the server waits for it: a
-            # fetch-ahead must not hold back the downloads of files already committed.
-            await self._budget.acquire(chunk_size)
-            try:
-                await self._thread(_write_fetched, fd, frame, chunk_size, offsets)
-            finally:
-                self._budget.release(chunk_size)
-            held.update(offsets)
-            got.add(frame.hash)
-            fetched += len(frame.payload)
-            moving.done += chunk_size * len(offsets)
-
-        pending = deque(needed)  # in file order, the order the uploader sends them
-
-        def next_window() -> list[str]:
-            window = [pending.popleft()]
-            size = needed[window[0]][0]
-            while pending and size + needed[pending[0]][0] <= AHEAD_WINDOW:
-                size += needed[pending[0]][0]
-                window.append(pending.popleft())
-            return window
-
-        async def fetch_windows(stop: trio.CancelScope) -> None:
-            while pending:
-                window = next_window()
-                before = len(got)
-                await self._remote.fetch_chunks(
-                    window, arrived, compress=self._compress, wait=AHEAD_WAIT
-                )
-                if len(got) == before:
-                    # Nothing came, for either window, in all that time: the upload stopped (or
-                    # was never going to send these).
-                    stop.cancel()
-                    return
-                # What did not come in time is asked for first next time.
-                pending.extendleft(reversed([h for h in window if h not in got]))
-
-        # Two windows at once: one is written while the next is on its way, so a fetch-ahead
-        # that starts behind the upload catches up.
-        async with single_error(), trio.open_nursery() as nursery:
-            for _ in range(AHEAD_FETCHES):
-                nursery.start_soon(fetch_windows, nursery.cancel_scope)
-        return fetched
 
     async def _download_small(self, entry: FileEntry, expected: LocalFile | None) -> int:
         """Fetch every chunk into memory, write the file in one step, and hand it to the landing,
@@ -709,6 +678,45 @@ class Transfer:
                 if source_fd is not None:
                     os.close(source_fd)
         return needed
+
+    def _fill_step(
+        self,
+        fd: int,
+        chunks: list[Chunk],
+        start: int,
+        sources: dict[str, list[tuple[str, int]]],
+        written: dict[str, int],
+    ) -> tuple[dict[str, tuple[int, list[int]]], set[int]]:
+        """`_fill_locally` for chunks announced later, from offset *start*: the partial file
+        is already sized, and may itself hold a chunk (*written*: hash -> offset). Returns what
+        is left to fetch, and the offsets put in place."""
+        needed: dict[str, tuple[int, list[int]]] = {}
+        placed: set[int] = set()
+        opened: dict[str, int | None] = {}
+        try:
+            offset = start
+            for chunk in chunks:
+                if chunk.hash in needed:
+                    needed[chunk.hash][1].append(offset)
+                else:
+                    data = None
+                    if chunk.hash in written:
+                        data = os.pread(fd, chunk.size, written[chunk.hash])
+                        if len(data) != chunk.size or hash_bytes(data) != chunk.hash:
+                            data = None
+                    if data is None:
+                        data = self._find_local(chunk, sources.get(chunk.hash, ()), opened)
+                    if data is None:
+                        needed[chunk.hash] = (chunk.size, [offset])
+                    else:
+                        _write_all(fd, data, offset)
+                        placed.add(offset)
+                offset += chunk.size
+        finally:
+            for source_fd in opened.values():
+                if source_fd is not None:
+                    os.close(source_fd)
+        return needed, placed
 
     def _find_local(
         self, chunk: Chunk, places: Iterable[tuple[str, int]], opened: dict[str, int | None]
@@ -873,6 +881,167 @@ def remove_parked_name(
         raise LocalChanged(f"{target}: changed locally while being deleted")
 
 
+class _Arriving:
+    """One fetch-ahead: puts in place what the folder already has, and fetches the rest as it
+    reaches the server, while the announcement grows (when it comes in steps) and the chunks
+    keep coming."""
+
+    def __init__(self, transfer: Transfer, fd: int, announced: Announced, held: set[int]) -> None:
+        self._transfer = transfer
+        self._fd = fd
+        self._announced = announced
+        self._held = held
+        #: What is left to fetch: hash -> (size, offsets); offsets may grow while a chunk is
+        #: written, when a later step repeats it.
+        self._needed: dict[str, tuple[int, list[int]]] = {}
+        self._pending: deque[str] = deque()  # in file order, the order the uploader sends them
+        self._got: dict[str, int] = {}  # fetched and written: hash -> one offset it is at
+        self._writing: set[str] = set()
+        self._taken = 0  # chunks of the announcement placed or queued so far
+        self._end = 0  # where they end in the file
+        self._all_known = False
+        self._more = trio.Event()
+        self._moving: Moving | None = None
+        self.fetched = 0
+
+    async def run(self) -> int:
+        announced = self._announced
+        self._moving = self._transfer.progress.begin(announced.path, DOWN, announced.size, 0)
+        try:
+            # Two windows at once: one is written while the next is on its way, so a
+            # fetch-ahead that starts behind the upload catches up.
+            async with single_error(), trio.open_nursery() as nursery:
+                nursery.start_soon(self._follow, nursery.cancel_scope)
+                for _ in range(AHEAD_FETCHES):
+                    nursery.start_soon(self._fetch_windows, nursery.cancel_scope)
+        finally:
+            self._transfer.progress.end(self._moving)
+        return self.fetched
+
+    async def _follow(self, stop: trio.CancelScope) -> None:
+        """Take the chunks announced so far, then each step as it comes."""
+        transfer, announced = self._transfer, self._announced
+        assert self._moving is not None
+        while True:
+            chunks = announced.chunks[self._taken :]
+            if chunks:
+                sources = {c.hash: transfer.index.chunk_sources(c.hash) for c in chunks}
+                if self._taken == 0:  # sizes the file; resumes one we wrote before
+                    needed = await transfer._thread(
+                        transfer._fill_locally, self._fd, tuple(chunks), announced.size,
+                        sources, self._held,
+                    )  # fmt: skip
+                else:
+                    needed, placed = await transfer._thread(
+                        transfer._fill_step, self._fd, chunks, self._end, sources,
+                        dict(self._got),
+                    )  # fmt: skip
+                    self._held.update(placed)
+                size = sum(c.size for c in chunks)
+                self._taken += len(chunks)
+                self._end += size
+                self._moving.done += size - sum(n * len(at) for n, at in needed.values())
+                await self._queue(needed)
+            if announced.broken:
+                stop.cancel()  # a step was missed: the download does the rest
+                return
+            if announced.hash is not None and self._taken == len(announced.chunks):
+                self._all_known = True
+                self._wake()
+                return
+            await announced.wait_changed()
+
+    async def _queue(self, needed: dict[str, tuple[int, list[int]]]) -> None:
+        for hash, (size, offsets) in needed.items():
+            known = self._needed.get(hash)
+            if known is None:
+                self._needed[hash] = (size, offsets)
+                self._pending.append(hash)
+            elif hash in self._got:  # written meanwhile: copy it from where it is
+                written = self._got[hash]
+                copy = partial(_copy_within, self._fd, hash, size, written, offsets)
+                await self._transfer._thread(copy)
+                self._held.update(offsets)
+                known[1].extend(offsets)
+                self._count(size * len(offsets))
+            else:  # on its way: written to these offsets too when it comes
+                known[1].extend(offsets)
+        self._wake()
+
+    def _wake(self) -> None:
+        self._more.set()
+        self._more = trio.Event()
+
+    def _count(self, size: int) -> None:
+        assert self._moving is not None
+        self._moving.done += size
+
+    async def _arrived(self, frame: Frame) -> None:
+        hash = frame.hash
+        if frame.encoding == MISSING or hash not in self._needed:
+            return
+        if hash in self._got or hash in self._writing:
+            return
+        chunk_size, offsets = self._needed[hash]
+        self._writing.add(hash)
+        # Counted while it is decoded and written, not while the server waits for it: a
+        # fetch-ahead must not hold back the downloads of files already committed.
+        await self._transfer._budget.acquire(chunk_size)
+        try:
+            # A later step may add offsets while this one is written.
+            while todo := [at for at in offsets if at not in self._held]:
+                await self._transfer._thread(_write_fetched, self._fd, frame, chunk_size, todo)
+                self._held.update(todo)
+                self._count(chunk_size * len(todo))
+            self._got[hash] = offsets[0]
+        finally:
+            self._transfer._budget.release(chunk_size)
+            self._writing.discard(hash)
+        self.fetched += len(frame.payload)
+
+    def _next_window(self) -> list[str]:
+        pending, needed = self._pending, self._needed
+        window = [pending.popleft()]
+        size = needed[window[0]][0]
+        while pending and size + needed[pending[0]][0] <= AHEAD_WINDOW:
+            size += needed[pending[0]][0]
+            window.append(pending.popleft())
+        return window
+
+    async def _fetch_windows(self, stop: trio.CancelScope) -> None:
+        transfer = self._transfer
+        while True:
+            if not self._pending:
+                if self._all_known:
+                    return
+                with trio.move_on_after(AHEAD_WAIT) as waited:
+                    await self._more.wait()  # for the uploader's next step
+                if waited.cancelled_caught:
+                    stop.cancel()
+                    return
+                continue
+            window = self._next_window()
+            before = len(self._got)
+            await transfer._remote.fetch_chunks(
+                window, self._arrived, compress=transfer._compress, wait=AHEAD_WAIT
+            )
+            if len(self._got) == before:
+                # Nothing came, for either window, in all that time: the upload stopped (or
+                # was never going to send these).
+                stop.cancel()
+                return
+            # What did not come in time is asked for first next time.
+            self._pending.extendleft(reversed([h for h in window if h not in self._got]))
+
+
+def _copy_within(fd: int, hash: str, size: int, source: int, offsets: list[int]) -> None:
+    data = os.pread(fd, size, source)
+    if len(data) != size or hash_bytes(data) != hash:
+        raise ProtocolError(f"chunk {hash} changed in a partial file")
+    for offset in offsets:
+        _write_all(fd, data, offset)
+
+
 def partial_name(path: str, content_hash: str) -> str:
     """The resumable partial download of *content_hash* for *path* (in the partial folder)."""
     return f"{_partial_prefix(path)}{content_hash[:24]}.part"
@@ -943,6 +1112,6 @@ def _partial_usage(folder: Path, besides: Path) -> tuple[int, int]:
     return held, _free_bytes(folder)
 
 
-def _held(file: FileEntry | Incoming, needed: dict[str, tuple[int, list[int]]]) -> int:
+def _held(file: FileEntry, needed: dict[str, tuple[int, list[int]]]) -> int:
     """The bytes of *file* in place already: all but those *needed*."""
     return file.size - sum(size * len(offsets) for size, offsets in needed.values())

@@ -52,12 +52,16 @@ ANNOUNCE_MIN_SIZE = 8 * 1024 * 1024
 #: An announcement lists at most this many chunks (8 GiB at the average size); it goes to every
 #: connected client as one event, so it stays small. Bigger files are simply not announced.
 MAX_ANNOUNCED_CHUNKS = 16_384
+#: A step of an announcement (the chunks an uploader cut since its last one) lists at most this
+#: many; an uploader that has more to announce at once sends several steps.
+MAX_STEP_CHUNKS = 1024
 
 FILE = "file"
 DIR = "dir"
 KINDS = (FILE, DIR)
 
 _HASH = re.compile(r"[0-9a-f]{64}")
+_UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
 _NAME = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_NAME_LEN}}}")
 
 
@@ -285,32 +289,62 @@ class Incoming:
     Not a change: nothing is committed, and the upload may never finish. Other clients may fetch
     its chunks ahead of the commit, into a partial file of their own; only the commit's `change`
     event makes them place it.
+
+    Either the whole version at once (no `upload`), or one step of it: the chunks its uploader
+    cut from `offset` on, under an `upload` id of the uploader's choosing. The last step carries
+    the version's `hash` (and maybe no chunks); until then `hash` is None.
     """
 
     path: str
-    hash: str
+    hash: str | None
     size: int
     chunks: tuple[Chunk, ...]
     origin: str = ""
+    upload: str = ""
+    offset: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "path": self.path,
-            "hash": self.hash,
             "size": self.size,
             "chunks": [c.to_json() for c in self.chunks],
             "origin": self.origin,
         }
+        if self.hash is not None:
+            data["hash"] = self.hash
+        if self.upload:
+            data["upload"] = self.upload
+            data["offset"] = self.offset
+        return data
 
     @classmethod
     def from_json(cls, data: object) -> Incoming:
         if not isinstance(data, dict):
             raise ProtocolError("an announcement is a JSON object")
         path = check_path(data.get("path"))  # type: ignore[arg-type]
-        if not isinstance(data.get("chunks"), list) or not data["chunks"]:
-            raise ProtocolError("'chunks' must not be empty")
-        hash, size, chunks = _content(data, most=MAX_ANNOUNCED_CHUNKS)
         origin = data.get("origin", "")
         if not isinstance(origin, str) or len(origin) > MAX_NAME_LEN:
             raise ProtocolError("'origin' must be a client name")
+        if "upload" in data:
+            return cls._step(path, origin, data)
+        if not isinstance(data.get("chunks"), list) or not data["chunks"]:
+            raise ProtocolError("'chunks' must not be empty")
+        hash, size, chunks = _content(data, most=MAX_ANNOUNCED_CHUNKS)
         return cls(path, hash, size, chunks, origin)
+
+    @classmethod
+    def _step(cls, path: str, origin: str, data: dict[str, Any]) -> Incoming:
+        upload = data["upload"]
+        if not isinstance(upload, str) or not _UPLOAD_ID.fullmatch(upload):
+            raise ProtocolError("'upload' must be 32 hex digits")
+        chunks = _chunks(data, most=MAX_STEP_CHUNKS)
+        offset, size = _int(data, "offset"), _int(data, "size")
+        end = offset + sum(c.size for c in chunks)
+        hash = None if data.get("hash") is None else check_hash(data["hash"])
+        if end > size or (hash is not None and end != size):
+            raise ProtocolError("a step's chunks must lie within 'size', the last reach it")
+        if chunks and end < size and chunks[-1].size < CDC_MIN:
+            raise ProtocolError(f"every chunk but the file's last must be at least {CDC_MIN} bytes")
+        if not chunks and hash is None:
+            raise ProtocolError("a step has chunks, or the hash that ends the announcement")
+        return cls(path, hash, size, chunks, origin, upload, offset)

@@ -19,8 +19,11 @@ import trio
 from ..protocol.models import FileEntry
 from ..protocol.sse import format_event
 
-#: Announcements kept for streams that were busy when they arrived.
-ANNOUNCEMENTS_KEPT = 8
+#: Announcements kept for streams that were busy when they arrived: the latest ones, at most
+#: this many and (past the newest) this many bytes. A big upload is announced in steps (16 MiB
+#: of the file each): a stream that misses one can only fetch that upload ahead from its start.
+ANNOUNCEMENTS_KEPT = 256
+ANNOUNCEMENTS_MAX_BYTES = 2 * 2**20
 #: Encoded pages of the change log kept for streams that read from the same revision.
 PAGES_KEPT = 64
 #: Publish times kept, to measure how long a commit takes to reach the live streams.
@@ -45,7 +48,8 @@ class ChangeHub:
         #: What the status page shows of each open stream.
         self.streams: dict[int, StreamInfo] = {}
         self._next_id = 0
-        self._announced: deque[tuple[int, str, bytes]] = deque(maxlen=ANNOUNCEMENTS_KEPT)
+        self._announced: deque[tuple[int, str, bytes]] = deque()
+        self._announced_bytes = 0
         self._announce_seq = 0
         self._landings = 0
         self._landed = trio.Event()
@@ -99,6 +103,12 @@ class ChangeHub:
         """Pass *event* (framed SSE bytes) to every stream but *origin*'s."""
         self._announce_seq += 1
         self._announced.append((self._announce_seq, origin, event))
+        self._announced_bytes += len(event)
+        while len(self._announced) > 1 and (
+            len(self._announced) > ANNOUNCEMENTS_KEPT
+            or self._announced_bytes > ANNOUNCEMENTS_MAX_BYTES
+        ):
+            self._announced_bytes -= len(self._announced.popleft()[2])
         self._wake()
 
     def announced_since(self, seen: int, reader: str) -> tuple[list[bytes], int]:
