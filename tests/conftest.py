@@ -5,17 +5,26 @@ from __future__ import annotations
 import os
 import ssl
 from collections.abc import AsyncIterator, Callable
-from contextlib import suppress
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import pytest
 import trio
 
+from trio_sync.client.batching import Batches
 from trio_sync.client.engine import Engine
+from trio_sync.client.index import Index
+from trio_sync.client.landing import Landing
+from trio_sync.client.remote import Remote
+from trio_sync.client.scanner import Scanner
+from trio_sync.client.transfer import Parking, PartialFiles, Transfer
 from trio_sync.config import ClientConfig, ServerConfig
+from trio_sync.core.budget import ByteBudget
+from trio_sync.core.durable import group_syncer
+from trio_sync.core.offload import Offload
 from trio_sync.protocol.paths import STATE_DIR_NAME
 from trio_sync.server.serve import RunningServer, run_server
 
@@ -196,3 +205,39 @@ def open_fds_to(path: Path, *, read_only: bool = False) -> list[str]:
                     continue
             found.append(fd)
     return found
+
+
+class ClientParts(NamedTuple):
+    transfer: Transfer
+    scanner: Scanner
+    early_sends: trio.Nursery
+    landing: Landing
+
+
+@asynccontextmanager
+async def client_parts(
+    server: ServerHandle, root: Path, *, syncfs: bool = False
+) -> AsyncIterator[ClientParts]:
+    """What a client's worker uses, made the way the engine makes them, on a real server."""
+    state = root / STATE_DIR_NAME
+    (state / "tmp").mkdir(parents=True)
+    io, db = Offload(4), Offload(1)
+    async with (
+        io.running(),
+        db.running(),
+        Remote(server.url, TOKEN, "a") as remote,
+        trio.open_nursery() as nursery,
+    ):
+        index = await Index.open(state / "index.sqlite", db)
+        batches = Batches(remote, compress=False)
+        await nursery.start(batches.run)
+        group = group_syncer(state / "tmp") if syncfs else None
+        landing = Landing(root, state / "tmp", io, syncfs=group, client="t")
+        await nursery.start(landing.run)
+        transfer = Transfer(
+            root, state, index, batches, remote, io, "a", Parking(state / "tmp"),
+            ByteBudget(20 * 2**20), landing, PartialFiles(3600), compress=False,
+        )  # fmt: skip
+        async with trio.open_nursery() as early_sends:
+            yield ClientParts(transfer, Scanner(root, io), early_sends, landing)
+        nursery.cancel_scope.cancel()

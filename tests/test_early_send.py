@@ -7,8 +7,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,20 +15,21 @@ import httpx
 import pytest
 import trio
 
-from trio_sync.client.batching import Batches
 from trio_sync.client.early import EARLY_MIN_SIZE
-from trio_sync.client.index import Index, StatKey
-from trio_sync.client.landing import Landing
-from trio_sync.client.remote import Remote
-from trio_sync.client.scanner import LocalFile, Scanner
-from trio_sync.client.transfer import Parking, PartialFiles, Transfer
-from trio_sync.core.budget import ByteBudget
+from trio_sync.client.index import StatKey
+from trio_sync.client.scanner import LocalFile
 from trio_sync.core.hashing import chunk_file
-from trio_sync.core.offload import Offload
 from trio_sync.errors import LocalChanged, RemoteError
-from trio_sync.protocol.paths import STATE_DIR_NAME
 
-from .conftest import TOKEN, ServerHandle, in_sync, open_fds_to, requests_between, traffic
+from .conftest import (
+    TOKEN,
+    ServerHandle,
+    client_parts,
+    in_sync,
+    open_fds_to,
+    requests_between,
+    traffic,
+)
 
 Start = Callable[..., Any]
 MiB = 1024 * 1024
@@ -49,34 +49,6 @@ def write_settled(path: Path, content: bytes) -> None:
     os.utime(path, (past, past))
 
 
-@asynccontextmanager
-async def client_parts(
-    server: ServerHandle, root: Path
-) -> AsyncIterator[tuple[Transfer, Scanner, trio.Nursery]]:
-    """What a client's worker uses, made the way the engine makes them, on a real server."""
-    state = root / STATE_DIR_NAME
-    (state / "tmp").mkdir(parents=True)
-    io, db = Offload(4), Offload(1)
-    async with (
-        io.running(),
-        db.running(),
-        Remote(server.url, TOKEN, "a") as remote,
-        trio.open_nursery() as nursery,
-    ):
-        index = await Index.open(state / "index.sqlite", db)
-        batches = Batches(remote, compress=False)
-        await nursery.start(batches.run)
-        landing = Landing(root, state / "tmp", io, syncfs=None, client="t")
-        await nursery.start(landing.run)
-        transfer = Transfer(
-            root, state, index, batches, remote, io, "a", Parking(state / "tmp"),
-            ByteBudget(20 * MiB), landing, PartialFiles(3600), compress=False,
-        )  # fmt: skip
-        async with trio.open_nursery() as early_sends:
-            yield transfer, Scanner(root, io), early_sends
-        nursery.cancel_scope.cancel()
-
-
 async def server_lacks(server: ServerHandle, local: LocalFile) -> list[str]:
     async with httpx.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}) as client:
         hashes = [c.hash for c in local.chunks]
@@ -91,7 +63,7 @@ async def test_a_big_file_is_sent_before_the_upload_and_not_again_by_it(
     root = tmp_path / "a"
     content = random.Random(1).randbytes(40 * MiB)
     write_settled(root / "big.bin", content)
-    async with client_parts(server, root) as (transfer, scanner, early_sends):
+    async with client_parts(server, root) as (transfer, scanner, early_sends, _):
         with transfer.sending_early("big.bin", early_sends, rested) as early:
             local = await scanner.scan("big.bin", None, early)
             assert local is not None
@@ -114,7 +86,7 @@ async def test_a_head_start_nobody_takes_over_is_stopped_and_closes_its_file(
     root = tmp_path / "a"
     write_settled(root / "big.bin", random.Random(2).randbytes(64 * MiB))
     with trio.fail_after(20):
-        async with client_parts(server, root) as (transfer, scanner, early_sends):
+        async with client_parts(server, root) as (transfer, scanner, early_sends, _):
             with transfer.sending_early("big.bin", early_sends, rested) as early:
                 local = await scanner.scan("big.bin", None, early)
                 assert local is not None
@@ -139,7 +111,7 @@ async def test_a_file_that_changed_since_it_was_cut_ends_the_head_start_quietly(
     finally:
         os.close(fd)
     write_settled(root / "big.bin", random.Random(4).randbytes(24 * MiB))  # same size, new bytes
-    async with client_parts(server, root) as (transfer, _, early_sends):
+    async with client_parts(server, root) as (transfer, _, early_sends, _):
         with transfer.sending_early("big.bin", early_sends, rested) as early:
             early.cut(list(digest.chunks), 0)
             await early.sent()  # no error: only the head start ends
@@ -158,7 +130,7 @@ async def test_a_head_start_ends_quietly_when_the_server_is_gone(
 ) -> None:
     root = tmp_path / "a"
     write_settled(root / "big.bin", random.Random(6).randbytes(24 * MiB))
-    async with client_parts(server, root) as (transfer, scanner, early_sends):
+    async with client_parts(server, root) as (transfer, scanner, early_sends, _):
         await server.stop()
         with transfer.sending_early("big.bin", early_sends, rested) as early:
             local = await scanner.scan("big.bin", None, early)  # hashing does not need it
@@ -180,7 +152,7 @@ async def test_big_files_are_hashed_a_few_at_a_time(server: ServerHandle, tmp_pa
     for i, name in enumerate(names):
         write_settled(root / name, random.Random(10 + i).randbytes(EARLY_MIN_SIZE + MiB))
     most = 0
-    async with client_parts(server, root) as (transfer, scanner, early_sends):
+    async with client_parts(server, root) as (transfer, scanner, early_sends, _):
         await server.stop()  # nothing is sent: the head starts end at their first question
 
         async def scan(name: str) -> None:
@@ -207,7 +179,7 @@ async def test_big_files_are_hashed_a_few_at_a_time(server: ServerHandle, tmp_pa
 async def test_only_big_files_that_are_not_being_written_are_sent_early(
     server: ServerHandle, tmp_path: Path, size: int, age: float, wanted: bool
 ) -> None:
-    async with client_parts(server, tmp_path / "a") as (transfer, _, early_sends):
+    async with client_parts(server, tmp_path / "a") as (transfer, _, early_sends, _):
         with transfer.sending_early("f", early_sends, rested) as early:
             mtime_ns = int((time.time() - age) * 1e9)
             assert early.wants(StatKey(size, mtime_ns, 1, False)) is wanted

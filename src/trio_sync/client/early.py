@@ -93,7 +93,7 @@ class EarlySend:
         #: Ended before it was done (an error, or a chunk the server refused): `lacking` may
         #: be incomplete.
         self.cut_short = False
-        self._upload = uuid.uuid4().hex
+        self._upload = ""  # chosen when the first step is announced
         self._unannounced: list[Located] = []  # cut, not announced yet
         self._lacking_bytes = 0
         self._announced_end = 0  # the file's bytes announced so far
@@ -231,6 +231,8 @@ class EarlySend:
         return await self._announce_step((), hash)
 
     async def _announce_step(self, chunks: tuple[Chunk, ...], hash: str | None) -> bool:
+        if not self._upload:  # not for every path: each id costs a system call
+            self._upload = uuid.uuid4().hex
         step = Incoming(
             self.path, hash, self._size, chunks, upload=self._upload, offset=self._announced_end
         )

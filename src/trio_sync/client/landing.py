@@ -5,12 +5,12 @@ still what the decision was made about, renames the temp file over it, and makes
 the rename durable. Only then may the index record it: an index entry for a file whose rename a
 crash undid would make the file look deleted locally, and that deletion would be sent on.
 
-Small files are placed in batches by `Landing`. Their temp files are written unsynced; one
-syncfs(2) puts a whole batch on disk, the renames follow, and a second syncfs makes the renames
-durable, so content is on disk before a name points at it. An fsync per file and per folder cost
-client B 3.5 to 6 s of the 14 to 20 s that 10,000 files of 4 KiB took end to end
-(docs/benchmarks.md). Where syncfs is missing or not sure to be as good as fsync
-(`core.durable.group_syncer`), each file and its folder are fsynced as before.
+Files under 8 MiB (all but the resumable downloads) are placed in batches by `Landing`. Their
+temp files are written unsynced; one syncfs(2) puts a whole batch on disk, the renames follow,
+and a second syncfs makes the renames durable, so content is on disk before a name points at it.
+An fsync per file and per folder cost client B 3.5 to 6 s of the 14 to 20 s that 10,000 files
+of 4 KiB took end to end (docs/benchmarks.md). Where syncfs is missing or not sure to be as good
+as fsync (`core.durable.group_syncer`), each file and its folder are fsynced as before.
 """
 
 from __future__ import annotations

@@ -478,13 +478,19 @@ class Transfer:
                             )
                             moving.done = _held(entry, needed)
                     fetched = await self._fetch_chunks(fd, needed, moving)
-                    await self._thread(self._finish_file, fd, entry)
+                    sync = resumable or self._landing.wants_synced_files
+                    await self._thread(partial(self._finish_file, fd, entry, sync=sync))
                 finally:
                     if moving is not None:
                         self.progress.end(moving)
                     if fd >= 0:
                         os.close(fd)
-                final = await self._thread(self._place, work, entry.path, expected)
+                if resumable:
+                    final = await self._thread(self._place, work, entry.path, expected)
+                else:
+                    # With others, in one durable batch, as small downloads are: a folder
+                    # moved elsewhere arrives as many files built from parked copies.
+                    final = await self._landing.place(work, entry.path, expected)
                 self._partials.forget(work)
                 # Recorded before the claim ends: a fetch-ahead of this version waiting for it
                 # must see that the file is here, or it would fill a new partial file.
