@@ -519,6 +519,9 @@ class Engine:
         await nursery.start(landing.run)
         transfer = self._transfer(batches, remote, landing)
         if ahead:
+            # Steps of uploads announced on the last connection cannot be followed on: some
+            # may have been missed while it was down.
+            self._announced.clear()
             self._ahead, announced = trio.open_memory_channel[Announced](AHEAD_QUEUE)
             nursery.start_soon(self._fetch_ahead, transfer, announced)
         for _ in range(self.config.workers):

@@ -948,6 +948,7 @@ class _Arriving:
                 self._end += size
                 self._moving.done += size - sum(n * len(at) for n, at in needed.values())
                 await self._queue(needed)
+                continue  # more may have come meanwhile
             if announced.broken:
                 stop.cancel()  # a step was missed: the download does the rest
                 return
