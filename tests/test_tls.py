@@ -88,14 +88,19 @@ async def _traffic(server: ServerHandle, tmp_path: Path) -> dict[str, Any]:
     return await traffic(server, verify=context)
 
 
-async def _tls_pair(tmp_path: Path) -> tuple[trio.SSLStream[Any], Any]:
-    """A TLS connection over memory streams: the client's end, and the server's as the server's
-    listener wraps it."""
+def _contexts(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server's context with a certificate made for the test, and a client's that trusts it."""
     cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
     make_self_signed(cert, key, "127.0.0.1")
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(cert, key)
-    client_context = ssl.create_default_context(cafile=str(cert))
+    return server_context, ssl.create_default_context(cafile=str(cert))
+
+
+async def _tls_pair(tmp_path: Path) -> tuple[trio.SSLStream[Any], Any]:
+    """A TLS connection over memory streams: the client's end, and the server's as the server's
+    listener wraps it."""
+    server_context, client_context = _contexts(tmp_path)
     client_raw, server_raw = trio.testing.memory_stream_pair()
     client = trio.SSLStream(client_raw, client_context, server_hostname="127.0.0.1")
     server = trio.SSLStream(server_raw, server_context, server_side=True)
@@ -222,11 +227,7 @@ async def test_both_ends_hand_tls_a_bounded_piece_at_a_time(tmp_path: Path) -> N
     # An SSLStream encrypts all it is given into a memory buffer before sending it, and
     # OpenSSL's buffers keep their largest size while the connection lasts: a 2 MiB chunk in
     # one write held 2 MiB per connection, which took the server over its memory target.
-    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
-    make_self_signed(cert, key, "127.0.0.1")
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_context.load_cert_chain(cert, key)
-    client_context = ssl.create_default_context(cafile=str(cert))
+    server_context, client_context = _contexts(tmp_path)
     client_raw, server_raw = trio.testing.memory_stream_pair()
     client_wire, server_wire = _Wire(client_raw), _Wire(server_raw)
     client_tls = trio.SSLStream(client_wire, client_context, server_hostname="127.0.0.1")

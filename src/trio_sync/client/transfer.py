@@ -17,7 +17,7 @@ import stat
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -652,27 +652,40 @@ class Transfer:
     def _fill_locally(
         self,
         fd: int,
-        chunks: tuple[Chunk, ...],
+        chunks: Sequence[Chunk],
         size: int,
         sources: dict[str, list[tuple[str, int]]],
         held: set[int],
+        *,
+        start: int = 0,
+        written: dict[str, int] | None = None,
     ) -> dict[str, tuple[int, list[int]]]:
         """Put every chunk the work file does not hold yet and the folder has in place.
         Returns what is left to fetch: hash -> (size, offsets). *held* names offsets known
-        to be in place already, and gains those put there now."""
-        resumed = os.fstat(fd).st_size > 0
-        os.ftruncate(fd, size)
+        to be in place already, and gains those put there now. From a *start* past 0 (a later
+        step of an announcement) the file is sized already, and *written* names chunks it
+        holds itself (hash -> offset)."""
+        resumed = False
+        if start == 0:
+            resumed = os.fstat(fd).st_size > 0
+            os.ftruncate(fd, size)
         needed: dict[str, tuple[int, list[int]]] = {}
         opened: dict[str, int | None] = {}
         try:
-            offset = 0
+            offset = start
             for chunk in chunks:
                 if resumed and (offset in held or _holds(fd, chunk, offset)):
                     held.add(offset)
                 elif chunk.hash in needed:
                     needed[chunk.hash][1].append(offset)
                 else:
-                    data = self._find_local(chunk, sources.get(chunk.hash, ()), opened)
+                    data = None
+                    if written and chunk.hash in written:
+                        data = os.pread(fd, chunk.size, written[chunk.hash])
+                        if len(data) != chunk.size or hash_bytes(data) != chunk.hash:
+                            data = None
+                    if data is None:
+                        data = self._find_local(chunk, sources.get(chunk.hash, ()), opened)
                     if data is None:
                         needed[chunk.hash] = (chunk.size, [offset])
                     else:
@@ -684,45 +697,6 @@ class Transfer:
                 if source_fd is not None:
                     os.close(source_fd)
         return needed
-
-    def _fill_step(
-        self,
-        fd: int,
-        chunks: list[Chunk],
-        start: int,
-        sources: dict[str, list[tuple[str, int]]],
-        written: dict[str, int],
-    ) -> tuple[dict[str, tuple[int, list[int]]], set[int]]:
-        """`_fill_locally` for chunks announced later, from offset *start*: the partial file
-        is already sized, and may itself hold a chunk (*written*: hash -> offset). Returns what
-        is left to fetch, and the offsets put in place."""
-        needed: dict[str, tuple[int, list[int]]] = {}
-        placed: set[int] = set()
-        opened: dict[str, int | None] = {}
-        try:
-            offset = start
-            for chunk in chunks:
-                if chunk.hash in needed:
-                    needed[chunk.hash][1].append(offset)
-                else:
-                    data = None
-                    if chunk.hash in written:
-                        data = os.pread(fd, chunk.size, written[chunk.hash])
-                        if len(data) != chunk.size or hash_bytes(data) != chunk.hash:
-                            data = None
-                    if data is None:
-                        data = self._find_local(chunk, sources.get(chunk.hash, ()), opened)
-                    if data is None:
-                        needed[chunk.hash] = (chunk.size, [offset])
-                    else:
-                        _write_all(fd, data, offset)
-                        placed.add(offset)
-                offset += chunk.size
-        finally:
-            for source_fd in opened.values():
-                if source_fd is not None:
-                    os.close(source_fd)
-        return needed, placed
 
     def _find_local(
         self, chunk: Chunk, places: Iterable[tuple[str, int]], opened: dict[str, int | None]
@@ -932,17 +906,11 @@ class _Arriving:
             chunks = announced.chunks[self._taken :]
             if chunks:
                 sources = {c.hash: transfer.index.chunk_sources(c.hash) for c in chunks}
-                if self._taken == 0:  # sizes the file; resumes one we wrote before
-                    needed = await transfer._thread(
-                        transfer._fill_locally, self._fd, tuple(chunks), announced.size,
-                        sources, self._held,
-                    )  # fmt: skip
-                else:
-                    needed, placed = await transfer._thread(
-                        transfer._fill_step, self._fd, chunks, self._end, sources,
-                        dict(self._got),
-                    )  # fmt: skip
-                    self._held.update(placed)
+                # The first step sizes the file (and resumes one we wrote before).
+                fill = partial(transfer._fill_locally, start=self._end, written=dict(self._got))
+                needed = await transfer._thread(
+                    fill, self._fd, chunks, announced.size, sources, self._held
+                )
                 size = sum(c.size for c in chunks)
                 self._taken += len(chunks)
                 self._end += size
