@@ -21,7 +21,7 @@ from ..protocol.sse import format_event
 
 #: Announcements kept for streams that were busy when they arrived: the latest ones, at most
 #: this many and (past the newest) this many bytes. A big upload is announced in steps (16 MiB
-#: of the file each): a stream that misses one can only fetch that upload ahead from its start.
+#: of the file each): a stream that misses one stops fetching that upload ahead.
 ANNOUNCEMENTS_KEPT = 256
 ANNOUNCEMENTS_MAX_BYTES = 2 * 2**20
 #: Encoded pages of the change log kept for streams that read from the same revision.
