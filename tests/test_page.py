@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,8 +45,9 @@ async def test_the_page_logs_in_with_a_token_and_reads_with_a_cookie(server: Ser
         assert (await client.get("/status.json")).status_code == 401
 
 
-def _browser() -> Any:
-    """A headless Chromium driven by Selenium, or a skip that says what is missing."""
+def _browser(scratch: Path) -> Any:
+    """A headless Chromium driven by Selenium, or a skip that says what is missing. Its
+    profile and the temp files it would leave in /tmp go in *scratch*."""
     try:
         from selenium import webdriver
     except ImportError:
@@ -62,16 +65,21 @@ def _browser() -> Any:
     options.binary_location = chromium
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
         options.add_argument(flag)
-    return webdriver.Chrome(service=Service(driver), options=options)
+    options.add_argument(f"--user-data-dir={scratch / 'profile'}")
+    service = Service(driver, env={**os.environ, "TMPDIR": str(scratch)})
+    return webdriver.Chrome(service=service, options=options)
 
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
-    driver = _browser()
-    try:
-        yield driver
-    finally:
-        driver.quit()
+    # Not tmp_path: Chromium puts a Unix socket in its temp folder, and a socket's path is
+    # limited to 107 bytes. Left in /tmp, each run would leave its folder behind.
+    with tempfile.TemporaryDirectory(prefix="trio-sync-chromium-") as scratch:
+        driver = _browser(Path(scratch))
+        try:
+            yield driver
+        finally:
+            driver.quit()
 
 
 async def test_the_page_in_a_browser_shows_a_change_without_reloading(
