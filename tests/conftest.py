@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -241,3 +243,45 @@ async def client_parts(
         async with trio.open_nursery() as early_sends:
             yield ClientParts(transfer, Scanner(root, io), early_sends, landing)
         nursery.cancel_scope.cancel()
+
+
+def resident_pages(path: Path) -> int:
+    """Pages of *path* in the page cache (mincore(2))."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = path.stat().st_size
+    vector = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mapped:
+        start = ctypes.c_char.from_buffer(mapped)
+        try:
+            address = ctypes.c_void_p(ctypes.addressof(start))
+            if libc.mincore(address, ctypes.c_size_t(size), vector) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+        finally:
+            del start
+    return sum(page & 1 for page in vector)
+
+
+def takes_o_direct(folder: Path) -> bool:
+    probe = folder / "probe"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
+    except OSError:
+        return False
+    try:
+        with mmap.mmap(-1, mmap.PAGESIZE) as aligned:
+            os.write(fd, aligned)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+def evict(path: Path) -> None:
+    """Drop *path*'s pages from the page cache (written back already)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

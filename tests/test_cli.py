@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import signal
@@ -17,9 +18,10 @@ import httpx
 import pytest
 import trio
 
+from trio_sync.core.direct import DIRECT_MIN
 from trio_sync.core.tls import certificate_fingerprint
 
-from .conftest import eventually, tree
+from .conftest import eventually, resident_pages, takes_o_direct, tree
 
 pytestmark = pytest.mark.slow
 
@@ -240,6 +242,30 @@ async def test_server_refuses_a_store_chunked_another_way(spawn: Spawn, tmp_path
     assert b"cannot start the server" in refused.stderr
     assert b"chunked as 'fastcdc-2016/256K-1M-4M/blake3'" in refused.stderr
     assert b"Traceback" not in refused.stderr
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["direct", "cached"])
+async def test_the_server_keeps_chunks_out_of_the_page_cache_unless_told(
+    spawn: Spawn, tmp_path: Path, cached: bool
+) -> None:
+    if not cached and not takes_o_direct(tmp_path):
+        pytest.skip("this filesystem does not take O_DIRECT")
+    extra = ["--cached-store"] if cached else []
+    proc, url, token = await start_server(spawn, tmp_path / "data", *extra)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir/big.bin").write_bytes(os.urandom(3 * 1024 * 1024 + 5))
+    result = await run("client", str(tmp_path / "dir"), "--server", url, "--token", token, "--once")
+    assert result.returncode == 0, result.stderr.decode()
+    assert await proc.terminate() == 0
+    chunks = [p for p in (tmp_path / "data/chunks").rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in chunks) == 3 * 1024 * 1024 + 5
+    assert max(p.stat().st_size for p in chunks) >= DIRECT_MIN
+    for chunk in chunks:
+        size = chunk.stat().st_size
+        whole = -(-size // mmap.PAGESIZE)
+        # A file's last chunk may be small: files under DIRECT_MIN go through the cache whole.
+        kept = whole if cached or size < DIRECT_MIN else min(whole, 1)
+        assert resident_pages(chunk) == kept
 
 
 async def test_server_on_a_port_in_use_says_so(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ test shows what really crossed the wire.
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
 import time
@@ -29,6 +30,7 @@ from trio_sync.client.scanner import stat_key
 from trio_sync.client.transfer import PARTIAL_DIR, partial_name, remove_parked_name
 from trio_sync.config import ClientConfig, ServerConfig
 from trio_sync.core.compression import pack, unpack
+from trio_sync.core.direct import DIRECT_MIN
 from trio_sync.core.durable import filesystem_type, group_syncer, syncfs
 from trio_sync.core.hashing import Chunker, FileDigest, chunk_file, content_hash, cut, hash_bytes
 from trio_sync.core.offload import Offload
@@ -52,7 +54,17 @@ from trio_sync.protocol.paths import STATE_DIR_NAME
 from trio_sync.server.gc import collect_garbage
 from trio_sync.server.store import DiskBlobStore, SQLiteMetaStore
 
-from .conftest import TOKEN, ServerHandle, client_parts, in_sync, requests_between, traffic
+from .conftest import (
+    TOKEN,
+    ServerHandle,
+    client_parts,
+    evict,
+    in_sync,
+    requests_between,
+    resident_pages,
+    takes_o_direct,
+    traffic,
+)
 
 Start = Callable[..., Any]
 MiB = 1024 * 1024
@@ -574,6 +586,46 @@ async def test_small_chunks_are_staged_and_read_several_at_a_time(tmp_path: Path
         assert await blobs.get_some([wrong, *hashes], 1) == [None, contents[0]]
         assert await blobs.get_some(hashes, 1) == contents[:1]
         assert await blobs.get_some(hashes, 10_000) == contents
+    assert files_below(tmp_path / "tmp") == set()
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["direct", "cached"])
+async def test_chunk_files_bypass_the_page_cache_unless_asked_to_keep_it(
+    tmp_path: Path, cached: bool
+) -> None:
+    if not cached and not takes_o_direct(tmp_path):
+        pytest.skip("this filesystem does not take O_DIRECT")
+    io = Offload(2)
+    blobs = DiskBlobStore.open(tmp_path, offload=io, cached=cached)
+    assert blobs.direct is not cached
+    rng = random.Random(7)
+    sizes = [1, 4095, DIRECT_MIN - 1, DIRECT_MIN, DIRECT_MIN + 1, 512 * 1024 + 3, MAX_CHUNK_SIZE]
+    contents = [rng.randbytes(size) for size in sizes]
+    hashes = [hash_bytes(c) for c in contents]
+    async with io.running():
+        async with blobs.batch() as batch:
+            assert await batch.add_many(list(zip(hashes, contents, strict=True))) == set()
+        assert await blobs.get_some(hashes, 2**30) == contents
+        for hash, content in zip(hashes, contents, strict=True):
+            stored = tmp_path / "chunks" / hash[:2] / hash
+            assert stored.read_bytes() == content
+            pages = -(-len(content) // mmap.PAGESIZE)
+            evict(stored)  # read through the cache by read_bytes() just now
+            assert resident_pages(stored) == 0
+            assert await blobs.get(hash) == content
+            if cached or len(content) < DIRECT_MIN:
+                assert resident_pages(stored) == pages
+            else:
+                assert resident_pages(stored) <= 1  # the last partial block goes through it
+
+        # Written fresh, not read back by anyone but the store.
+        more = rng.randbytes(512 * 1024 + 5)
+        await blobs.put(hash_bytes(more), more)
+        stored = tmp_path / "chunks" / hash_bytes(more)[:2] / hash_bytes(more)
+        assert resident_pages(stored) == (129 if cached else 1)
+        stored.write_bytes(more + b"!")  # damaged: found and removed, direct or not
+        assert await blobs.get(hash_bytes(more)) is None
+        assert not stored.exists()
     assert files_below(tmp_path / "tmp") == set()
 
 

@@ -131,6 +131,12 @@ def _parser() -> argparse.ArgumentParser:
         default=4096,
         help="connections open at once; beyond it new ones wait (default: 4096)",
     )
+    server.add_argument(
+        "--cached-store",
+        action="store_true",
+        help="keep stored chunks in the page cache (by default they bypass it where the"
+        " filesystem allows; keeping it helps spinning disks serving many clients)",
+    )
 
     tokens = sub.add_parser("token", help="add, list or revoke client tokens")
     tokens.add_argument(
@@ -300,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             access_log=args.access_log.expanduser().resolve() if args.access_log else None,
             tls_cert=args.tls_cert.expanduser().resolve() if args.tls_cert else None,
             tls_key=args.tls_key.expanduser().resolve() if args.tls_key else None,
+            cached_store=args.cached_store,
         )
         return trio.run(server_main, server_config)
     root = args.dir.expanduser().resolve()

@@ -182,7 +182,9 @@ async def _serve(
 ) -> None:
     meta = await SQLiteMetaStore.open(data_dir / "index.db")
     try:
-        blobs = await trio.to_thread.run_sync(partial(DiskBlobStore.open, data_dir, offload=io))
+        blobs = await trio.to_thread.run_sync(
+            partial(DiskBlobStore.open, data_dir, offload=io, cached=config.cached_store)
+        )
         server_id = await meta.server_id()
         hub = ChangeHub(await meta.latest_rev())
         traffic = Traffic()
