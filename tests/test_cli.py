@@ -245,12 +245,12 @@ async def test_server_refuses_a_store_chunked_another_way(spawn: Spawn, tmp_path
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["direct", "cached"])
-async def test_the_server_keeps_chunks_out_of_the_page_cache_unless_told(
+async def test_a_server_told_to_keep_chunks_out_of_the_page_cache(
     spawn: Spawn, tmp_path: Path, cached: bool
 ) -> None:
     if not cached and not takes_o_direct(tmp_path):
         pytest.skip("this filesystem does not take O_DIRECT")
-    extra = ["--cached-store"] if cached else []
+    extra = [] if cached else ["--direct-store"]
     proc, url, token = await start_server(spawn, tmp_path / "data", *extra)
     (tmp_path / "dir").mkdir()
     (tmp_path / "dir/big.bin").write_bytes(os.urandom(3 * 1024 * 1024 + 5))

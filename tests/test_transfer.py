@@ -590,13 +590,11 @@ async def test_small_chunks_are_staged_and_read_several_at_a_time(tmp_path: Path
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["direct", "cached"])
-async def test_chunk_files_bypass_the_page_cache_unless_asked_to_keep_it(
-    tmp_path: Path, cached: bool
-) -> None:
+async def test_chunk_files_bypass_the_page_cache_when_asked(tmp_path: Path, cached: bool) -> None:
     if not cached and not takes_o_direct(tmp_path):
         pytest.skip("this filesystem does not take O_DIRECT")
     io = Offload(2)
-    blobs = DiskBlobStore.open(tmp_path, offload=io, cached=cached)
+    blobs = DiskBlobStore.open(tmp_path, offload=io, direct=not cached)
     assert blobs.direct is not cached
     rng = random.Random(7)
     sizes = [1, 4095, DIRECT_MIN - 1, DIRECT_MIN, DIRECT_MIN + 1, 512 * 1024 + 3, MAX_CHUNK_SIZE]

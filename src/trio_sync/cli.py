@@ -132,10 +132,10 @@ def _parser() -> argparse.ArgumentParser:
         help="connections open at once; beyond it new ones wait (default: 4096)",
     )
     server.add_argument(
-        "--cached-store",
+        "--direct-store",
         action="store_true",
-        help="keep stored chunks in the page cache (by default they bypass it where the"
-        " filesystem allows; keeping it helps spinning disks serving many clients)",
+        help="write and read stored chunks around the page cache (O_DIRECT): less CPU on a VM"
+        " whose host takes back free memory, when uploads outgrow free memory; see the README",
     )
 
     tokens = sub.add_parser("token", help="add, list or revoke client tokens")
@@ -306,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             access_log=args.access_log.expanduser().resolve() if args.access_log else None,
             tls_cert=args.tls_cert.expanduser().resolve() if args.tls_cert else None,
             tls_key=args.tls_key.expanduser().resolve() if args.tls_key else None,
-            cached_store=args.cached_store,
+            direct_store=args.direct_store,
         )
         return trio.run(server_main, server_config)
     root = args.dir.expanduser().resolve()

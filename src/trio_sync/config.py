@@ -48,10 +48,10 @@ class ServerConfig:
     #: A chunk stored or asked about within this many seconds is never collected: a client may
     #: be about to commit it, after an upload that took hours over a slow link (review L8).
     gc_grace: float = 86400.0
-    #: Chunk files through the page cache, as ordinary files. By default they bypass it
-    #: (O_DIRECT) where the filesystem allows: a copy less per byte and a cache that does not
-    #: grow with uploads, but a chunk fetched again is read from the disk (`core.direct`).
-    cached_store: bool = False
+    #: Chunk files written and read around the page cache (O_DIRECT) where the filesystem
+    #: allows (`core.direct`): cheaper when the cache would take fresh memory, dearer when a
+    #: chunk is fetched again right after it was stored.
+    direct_store: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,15 +1,18 @@
 """Chunk files, written and read around the page cache (O_DIRECT) where the filesystem allows.
 
-The server writes every uploaded byte once and reads it back once per other client. Through the
-page cache each byte is copied into a cache page on the way in and out of one on the way back,
-and the cache grows with everything uploaded. With O_DIRECT the disk reads from and writes into
-a buffer of ours: one copy less each way, and the cache stays for what is read again (SQLite,
-the clients' own files when they share the machine). On the 2-core test VM the difference is
-large: the kernel backs each cache page the guest has not used lately with a fresh page from
-the hypervisor, and writing 2 GB through the cache cost 5-9 s of system time against 0.2 s
-with O_DIRECT (docs/benchmarks.md). What it costs: a chunk fetched again comes from the disk,
-not from memory; on spinning disks serving many clients the server's `--cached-store` keeps the
-page cache.
+For the server's `--direct-store`. The server writes every uploaded byte once and reads it back
+once per other client. Through the page cache each byte is copied into a cache page on the way
+in and out of one on the way back. With O_DIRECT the disk reads from and writes into a buffer
+of ours instead. Which costs less depends on the machine's memory, measured on the 2-core test
+VM (Firecracker, whose host takes back guest memory left free for a few seconds):
+- A cache page the guest has not used lately costs the kernel about 10 us to fill: dd wrote
+  2 GB through the cache in 5-9 s of system time, 0.4 s into pages just freed, 0.2 s with
+  O_DIRECT. A 7.2 GiB set of files (1,000 files of 4 KiB to 64 MiB) took 61-64 s instead of
+  76 s with O_DIRECT, the server's CPU 39-41 s instead of 53-54 s.
+- A single 1 GiB file, whose pages the kernel recycles as fast as it frees them, took 7.1-7.9 s
+  instead of 5.7-7.2 s: each direct read and write waits for the disk, the thread sleeps and
+  wakes, and a chunk fetched right after it was stored comes from the disk, not from memory.
+Hence not the default.
 
 O_DIRECT wants the buffer, the file offset and the length aligned to the device's block. The
 whole blocks of a file go directly; its last partial block goes through the cache (padding it

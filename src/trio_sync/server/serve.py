@@ -183,7 +183,7 @@ async def _serve(
     meta = await SQLiteMetaStore.open(data_dir / "index.db")
     try:
         blobs = await trio.to_thread.run_sync(
-            partial(DiskBlobStore.open, data_dir, offload=io, cached=config.cached_store)
+            partial(DiskBlobStore.open, data_dir, offload=io, direct=config.direct_store)
         )
         server_id = await meta.server_id()
         hub = ChangeHub(await meta.latest_rev())

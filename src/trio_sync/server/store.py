@@ -614,10 +614,9 @@ class DiskBlobStore:
     4 KiB took end to end). Elsewhere, or with *group_sync* off, each chunk file and each folder it
     lands in is fsynced.
 
-    Chunk files are written and read with O_DIRECT where the filesystem takes it
-    (`core.direct`): on the test VM that took the server's CPU for a mixed set of 7.2 GiB from
-    50-55 s to 36-39 s. The checks are the same either way: a write is durable before its
-    rename, a read is hashed.
+    With *direct* (`--direct-store`), chunk files are written and read with O_DIRECT where the
+    filesystem takes it (`core.direct`). The checks are the same either way: a write is durable
+    before its rename, a read is hashed.
     """
 
     def __init__(
@@ -644,10 +643,10 @@ class DiskBlobStore:
 
     @classmethod
     def open(
-        cls, data_dir: Path, *, offload: Offload, group_sync: bool = True, cached: bool = False
+        cls, data_dir: Path, *, offload: Offload, group_sync: bool = True, direct: bool = False
     ) -> DiskBlobStore:
-        """The store in *data_dir*. Its chunk files bypass the page cache where the filesystem
-        allows, unless *cached*. Blocking."""
+        """The store in *data_dir*. With *direct*, its chunk files bypass the page cache where
+        the filesystem allows. Blocking."""
         root, tmp = data_dir / "chunks", data_dir / "tmp"
         root.mkdir(parents=True, exist_ok=True, mode=0o700)  # private whatever the umask
         tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -659,9 +658,9 @@ class DiskBlobStore:
             write_durably(layout, LAYOUT)
         elif (found := layout.read_text()) != LAYOUT:
             raise StoreError(f"{root} holds chunks laid out as {found.strip()!r}, not {LAYOUT!r}")
-        direct = not cached and ChunkFiles(MAX_CHUNK_SIZE, direct=True).works_in(os.fspath(tmp))
-        if not cached and not direct:
-            log.info("%s does not take O_DIRECT: chunk files go through the page cache", tmp)
+        if direct and not ChunkFiles(MAX_CHUNK_SIZE, direct=True).works_in(os.fspath(tmp)):
+            log.warning("%s does not take O_DIRECT: chunk files go through the page cache", tmp)
+            direct = False
         return cls(root, tmp, offload=offload, group_sync=group_sync, direct=direct)
 
     def _path(self, hash: str) -> str:
