@@ -306,8 +306,10 @@ def timed(
     seconds each of *pids* used meanwhile (`cpu_` + its name)."""
     os.sync()  # no run pays for writing back what an earlier step left in the page cache
     cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    start = time.perf_counter()
+    # The clock starts once the change is made, as rsync's does (its edits are applied before
+    # its copy starts): making an edit (copying 100 MiB for the insert) is not syncing it.
     change()
+    start = time.perf_counter()
     expected = tree_stats(a)
     wait_for(lambda: tree_stats(b) == expected and settled(), 3600, "sync")
     elapsed = time.perf_counter() - start
@@ -652,10 +654,12 @@ def write_report(
         " 127.0.0.1, on empty folders.",
         "- Data is generated deterministically (BLAKE3 XOF, seeded sizes) in a staging folder on"
         " the same filesystem and renamed into A in one step. Time runs from that rename (or from"
-        " the edit) until every file in B has A's size and mtime (polled every 20 ms, less often"
-        " on big trees so that polling takes at most a quarter of one core); contents"
-        " are compared by hash afterwards, untimed. Every timed run starts after `sync(2)`, so"
-        " that none pays for writing back data an earlier step left in the page cache.",
+        " the moment the edit is made, as rsync's runs from its start once the same edit was"
+        " made to its source) until every file in B has A's size and mtime (polled every 20"
+        " ms, less often on big trees so that polling takes at most a quarter of one core);"
+        " contents are compared by hash afterwards, untimed. Every timed run starts after"
+        " `sync(2)`, so that none pays for writing back data an earlier step left in the page"
+        " cache.",
         "- Our trip is two hops (A → server → B), durable on both: the server makes each upload"
         " request durable with syncfs(2), B the small files it receives together; B fsyncs each"
         " larger file and its folder.",

@@ -83,10 +83,15 @@ async def upload(client: httpx.AsyncClient, pieces: list[tuple[Chunk, bytes]]) -
     assert len(response.json()["stored"]) == len(pieces)
 
 
-async def commit(client: httpx.AsyncClient, path: str, pieces: list[tuple[Chunk, bytes]]) -> None:
-    body = {**announcement(path, pieces), "base_rev": 0, "mtime_ns": 1_700_000_000 * 10**9}
+async def commit(
+    client: httpx.AsyncClient, path: str, pieces: list[tuple[Chunk, bytes]], base_rev: int = 0
+) -> int:
+    """Commit *pieces* as *path*'s next version; its revision."""
+    body = {**announcement(path, pieces), "base_rev": base_rev, "mtime_ns": 1_700_000_000 * 10**9}
     response = await client.post("/commit", json=body)
     assert response.status_code == 200, response.text
+    rev: int = response.json()["entry"]["rev"]
+    return rev
 
 
 async def fetch(
@@ -326,6 +331,81 @@ async def test_a_file_sent_while_it_is_hashed_is_announced_step_by_step(
     assert [c.to_json() for c in chunks] == committed["chunks"]
     assert ["hash" in d for _, _, d in steps] == [False] * (len(steps) - 1) + [True]
     assert steps[-1][2]["hash"] == committed["hash"]
+
+
+async def test_an_edit_of_a_big_file_is_announced_in_steps_and_the_same_bytes_again_are_not(
+    start_client: Start, server: ServerHandle, tmp_path: Path
+) -> None:
+    # Six bytes change in the first step: the others can rebuild the file from their own copy
+    # while this client cuts the rest, so the edit is announced from its first step on.
+    content = random.Random(21).randbytes(2 * EARLY_STEP + 8 * MiB)
+    edited = content[:MiB] + b"edited" + content[MiB + 6 :]
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "big.bin").write_bytes(content)
+    events: Events = []
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(follow, server, "watcher", events, 2)
+            client = await start_client("a")
+            await eventually(lambda: any(e == "change" for e, _, _ in events))
+            first_upload = {d["upload"] for e, _, d in events if e == "incoming"}
+            # The same bytes written again: the server lacks nothing, so no one is told to
+            # copy the file for nothing.
+            with (a / "big.bin").open("r+b") as f:
+                f.seek(MiB)
+                f.write(content[MiB : MiB + 6])
+            await trio.sleep(0.5)
+            await eventually(lambda: client.engine.queue.idle)
+            assert {d["upload"] for e, _, d in events if e == "incoming"} == first_upload
+            with (a / "big.bin").open("r+b") as f:
+                f.seek(MiB)
+                f.write(b"edited")
+    first_change = next(i for i, (e, _, _) in enumerate(events) if e == "change")
+    *steps, (kind, _, committed) = events[first_change + 1 :]
+    assert kind == "change"
+    assert committed["hash"] == content_hash([c for c, _ in chunked(edited)])
+    assert len(steps) >= 3
+    assert {(e, d["origin"]) for e, _, d in steps} == {("incoming", "a")}
+    assert len({d["upload"] for _, _, d in steps} | first_upload) == 2
+    at = 0
+    for _, _, d in steps:  # from the file's start, each step following on
+        assert d["offset"] == at
+        at += sum(n for _, n in d["chunks"])
+    assert at == len(edited)
+    assert steps[-1][2]["hash"] == committed["hash"]
+
+
+async def test_a_client_rebuilds_an_announced_edit_from_its_own_copy_before_the_commit(
+    start_client: Start, server: ServerHandle, tmp_path: Path
+) -> None:
+    old = random.Random(22).randbytes(12 * MiB)
+    new = b"edited" + old[6:]
+    old_pieces, new_pieces = chunked(old), chunked(new)
+    kept = {c.hash for c, _ in old_pieces}
+    changed = [(c, data) for c, data in new_pieces if c.hash not in kept]
+    b = tmp_path / "b"
+    partials = b / STATE_DIR_NAME / PARTIAL_DIR
+    await start_client("b")
+    async with http(server, "A") as a:
+        await upload(a, old_pieces)
+        rev = await commit(a, "big.bin", old_pieces)
+        await eventually(lambda: (b / "big.bin").exists() and (b / "big.bin").read_bytes() == old)
+        start = await traffic(server)
+        announced = step("big.bin", new, new_pieces, 0, len(new_pieces), last=True)
+        assert (await a.post("/announce", json=announced)).status_code == 200
+        await upload(a, changed)
+        await eventually(lambda: any(p.read_bytes() == new for p in partials.iterdir()))
+        before_commit = await traffic(server)
+        # Only the changed chunk crossed the wire: the rest came from B's copy of the file.
+        changed_size = sum(c.size for c, _ in changed)
+        assert changed_size < MiB
+        assert before_commit["bytes_out"] - start["bytes_out"] < changed_size + SLACK
+        await commit(a, "big.bin", new_pieces, base_rev=rev)
+    await eventually(lambda: (b / "big.bin").read_bytes() == new)
+    after = await traffic(server)
+    assert after["bytes_out"] - before_commit["bytes_out"] < SLACK
+    await eventually(lambda: not list(partials.iterdir()))
 
 
 async def test_a_client_fetches_an_announced_upload_as_it_arrives(

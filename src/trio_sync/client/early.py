@@ -10,10 +10,10 @@ it lacks, another sends those, in file order, within the shared byte budget. If 
 uploads, `Transfer.upload` takes over: it waits for both, and sends only what they did not. Any
 error here only ends the head start; the upload that follows meets it again and handles it.
 
-Once the server lacks enough of the file to be worth it, each step is also announced to the
-other clients (`POST /announce` with an upload id), so that they fetch the chunks as they land
-instead of waiting for the whole file to be hashed; `finish` sends the hash that ends the
-announcement, once the engine has decided to upload.
+Once the server lacks any of the file, each step is also announced to the other clients (`POST
+/announce` with an upload id), so that they fetch the chunks as they land, and build the file
+from their own copy of the old version, instead of waiting for the whole file to be hashed;
+`finish` sends the hash that ends the announcement, once the engine has decided to upload.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from ..core.offload import Offload
 from ..errors import ProtocolError, RemoteError, TrioSyncError
 from ..protocol.frames import Frame
 from ..protocol.models import (
-    ANNOUNCE_MIN_SIZE,
     MAX_ANNOUNCED_CHUNKS,
     MAX_STEP_CHUNKS,
     Chunk,
@@ -203,14 +202,19 @@ class EarlySend:
             self._asked.set()
 
     async def _announce_steps(self) -> None:
-        """Announce what was cut since the last step, once the upload is big enough to be worth
-        it to the other clients (as `Transfer._announce` decides for a whole file)."""
+        """Announce what was cut since the last step, from the first chunk the server lacks.
+
+        Even an edit of one chunk is worth it here, unlike for a whole file (`Transfer._announce`):
+        a file sent early is big, and the others rebuild the new version from their copy of the
+        old one (a second per GiB) while we still cut it, instead of after the commit. A file
+        the server has all of (only touched, say) is not announced: the others would copy it
+        for nothing."""
         if self._announce_failed:
             return
         if self._announced_chunks + len(self._unannounced) > MAX_ANNOUNCED_CHUNKS:
             self._give_up_announcing("too many chunks to announce")
             return
-        if self._lacking_bytes < ANNOUNCE_MIN_SIZE:
+        if not self._lacking_bytes:
             return
         while self._unannounced:
             step = self._unannounced[:MAX_STEP_CHUNKS]
