@@ -453,7 +453,7 @@ def write_once_cpu(folder: Path, size: int) -> float:
     """CPU seconds (user and system) `dd` takes to write *size* bytes into one new file and fsync
     it: what putting the workload's bytes through the page cache once costs this machine, the
     floor under the CPU of any process that writes them (B; the server too). Measured after the
-    runs, so that the pages it frees do not help the next one."""
+    runs, so that it takes no memory from them."""
     target = folder / "dd.bin"
     blocks = max(1, -(-size // MiB))
     process = subprocess.Popen(

@@ -202,7 +202,8 @@ class EarlySend:
             self._asked.set()
 
     async def _announce_steps(self) -> None:
-        """Announce what was cut since the last step, from the first chunk the server lacks.
+        """Announce what was cut since the last step (from the file's start, at the first),
+        once the server lacks any chunk of the file.
 
         Even an edit of one chunk is worth it here, unlike for a whole file (`Transfer._announce`):
         a file sent early is big, and the others rebuild the new version from their copy of the

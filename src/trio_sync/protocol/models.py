@@ -47,7 +47,8 @@ MAX_INT = 2**63 - 1
 MAX_NAME_LEN = 64
 #: Uploads of at least this many chunk bytes are announced before the chunks are sent (`POST
 #: /announce`), so that other clients can fetch them while the rest is still arriving. Smaller
-#: ones take less time to upload than an announcement saves.
+#: ones take less time to upload than an announcement saves. (A file sent while it is hashed is
+#: announced in steps as soon as any of it is lacking: `client/early.py`.)
 ANNOUNCE_MIN_SIZE = 8 * 1024 * 1024
 #: An announcement lists at most this many chunks (8 GiB at the average size); it goes to every
 #: connected client as one event, so it stays small. Bigger files are simply not announced.
