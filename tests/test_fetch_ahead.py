@@ -130,6 +130,15 @@ async def follow(
                 return
 
 
+def assert_steps_cover(steps: Events, size: int) -> None:
+    """The announced steps run from the file's start to its end, each following on."""
+    at = 0
+    for _, _, d in steps:
+        assert d["offset"] == at
+        at += sum(n for _, n in d["chunks"])
+    assert at == size
+
+
 # -- the wire ---------------------------------------------------------------------------------
 
 
@@ -321,11 +330,7 @@ async def test_a_file_sent_while_it_is_hashed_is_announced_step_by_step(
     assert {(e, d["upload"], d["origin"]) for e, _, d in steps} == {
         ("incoming", steps[0][2]["upload"], "a")
     }
-    at = 0
-    for _, _, d in steps:  # each step follows on
-        assert d["offset"] == at
-        at += sum(n for _, n in d["chunks"])
-    assert at == len(content)
+    assert_steps_cover(steps, len(content))
     assert len(steps) >= 3  # one per cut (16 MiB each), the last with the hash
     chunks = [Chunk(h, n) for _, _, d in steps for h, n in d["chunks"]]
     assert [c.to_json() for c in chunks] == committed["chunks"]
@@ -368,11 +373,7 @@ async def test_an_edit_of_a_big_file_is_announced_in_steps_and_the_same_bytes_ag
     assert len(steps) >= 3
     assert {(e, d["origin"]) for e, _, d in steps} == {("incoming", "a")}
     assert len({d["upload"] for _, _, d in steps} | first_upload) == 2
-    at = 0
-    for _, _, d in steps:  # from the file's start, each step following on
-        assert d["offset"] == at
-        at += sum(n for _, n in d["chunks"])
-    assert at == len(edited)
+    assert_steps_cover(steps, len(edited))
     assert steps[-1][2]["hash"] == committed["hash"]
 
 
