@@ -679,7 +679,11 @@ class Engine:
         elif action is Action.DELETE_REMOTE:
             assert self._guard is not None
             await self._guard.allow(path, count=base is not None and not base.is_dir)
-            below = self._live_remote_below(path)
+            # Only a folder can have something below it (the server keeps the tree so), and
+            # looking costs a pass over every path ever seen.
+            below = (
+                self._live_remote_below(path) if remote is not None and remote.kind == DIR else []
+            )
             if below:
                 # A folder goes after its contents; what others added meanwhile stays.
                 raise FolderNotEmpty(path, [p[len(path) + 1 :] for p in below])
