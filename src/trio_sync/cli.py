@@ -43,6 +43,7 @@ from .errors import (
     TrioSyncError,
 )
 from .history import Where, destination, parse_when, restore, show_history
+from .logwriter import LogWriter
 from .memory import limit_allocator_arenas
 from .protocol.models import check_name
 from .protocol.paths import STATE_DIR_NAME
@@ -269,10 +270,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet = args.command == "client" and args.quiet
     # A client on a terminal shows progress bars; its log lines are printed above them.
     console = Console(stderr=True) if args.command == "client" and sys.stderr.isatty() else None
+    writer = LogWriter(sys.stderr)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.ERROR if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
-        handlers=[_ConsoleHandler(console) if console else logging.StreamHandler(sys.stderr)],
+        handlers=[_ConsoleHandler(console) if console else writer],
     )
     if not args.verbose:
         for noisy in ("httpx", "httpcore", "hpack"):
@@ -308,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tls_key=args.tls_key.expanduser().resolve() if args.tls_key else None,
             direct_store=args.direct_store,
         )
-        return trio.run(server_main, server_config)
+        return trio.run(partial(server_main, server_config, log_writer=writer))
     root = args.dir.expanduser().resolve()
     remember = args.server is not None
     if not remember:
@@ -366,7 +368,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_delete_fraction=args.max_delete_percent / 100,
         max_delete_files=args.max_delete_files,
     )
-    return trio.run(partial(client_main, config, args.once, progress=not quiet, console=console))
+    return trio.run(
+        partial(
+            client_main,
+            config,
+            args.once,
+            progress=not quiet,
+            console=console,
+            log_writer=None if console else writer,
+        )
+    )
 
 
 def _server_url_problem(args: argparse.Namespace) -> str | None:
@@ -616,11 +627,14 @@ async def _until_signal(
             return
 
 
-async def server_main(config: ServerConfig) -> int:
-    """Run a server until SIGINT or SIGTERM; the exit code."""
+async def server_main(config: ServerConfig, *, log_writer: LogWriter | None = None) -> int:
+    """Run a server until SIGINT or SIGTERM; the exit code. *log_writer*, if given, writes
+    the log while it runs."""
     stop = trio.Event()
     code = EXIT_OK
     async with trio.open_nursery() as outer:
+        if log_writer is not None:
+            await outer.start(log_writer.run)
         await outer.start(_until_signal, outer.cancel_scope, stop)
         try:
             async with trio.open_nursery() as inner:
@@ -664,13 +678,21 @@ async def server_main(config: ServerConfig) -> int:
 
 
 async def client_main(
-    config: ClientConfig, once: bool, *, progress: bool = True, console: Console | None = None
+    config: ClientConfig,
+    once: bool,
+    *,
+    progress: bool = True,
+    console: Console | None = None,
+    log_writer: LogWriter | None = None,
 ) -> int:
     """Run a client (one reconcile with *once*, else until SIGINT or SIGTERM); the exit code.
-    With *progress*, big transfers are shown: as bars on *console*, else in the log."""
+    With *progress*, big transfers are shown: as bars on *console*, else in the log.
+    *log_writer*, if given, writes the log while it runs."""
     engine = Engine(config)
     code = EXIT_OK
     async with trio.open_nursery() as nursery:
+        if log_writer is not None:
+            await nursery.start(log_writer.run)
         await nursery.start(_until_signal, nursery.cancel_scope)
         if progress:
             nursery.start_soon(show_progress, engine.progress, console)
