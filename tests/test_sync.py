@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import time
 from collections.abc import Callable
 from contextlib import suppress
 from functools import partial
@@ -256,6 +257,35 @@ async def test_client_restart_does_not_transfer_again(
     transfers = [m for m in messages(caplog) if m.startswith(("uploaded", "downloaded"))]
     assert transfers == []
     assert tree(a) == tree(b)
+
+
+async def test_a_restarted_client_looks_at_unchanged_files_together_and_finds_the_changed(
+    start_client: Start, tmp_path: Path
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    an_hour_ago = time.time_ns() - 3600 * 10**9
+    for i in range(300):
+        write(a / f"d{i % 10}/f{i}.txt", f"file {i:03}")
+        os.utime(a / f"d{i % 10}/f{i}.txt", ns=(an_hour_ago, an_hour_ago))  # not racy
+    client_a = await start_client("a")
+    await start_client("b")
+    await in_sync(a, b)
+    await client_a.stop()
+    # While A is stopped: an edit that keeps the size (only the stat's mtime tells), a file
+    # replaced by a symlink, one deleted.
+    write(a / "d0/f0.txt", "FILE 000")
+    os.utime(a / "d0/f0.txt", ns=(an_hour_ago, an_hour_ago + 10**9))
+    (a / "d1/f1.txt").unlink()
+    (a / "d1/f1.txt").symlink_to(a / "d2/f2.txt")
+    (a / "d3/f3.txt").unlink()
+
+    restarted = await start_client("a")
+    # Its first reconcile looked at 300 paths; the 297 unchanged shared their thread calls.
+    assert restarted.engine.blocking_calls < 50
+    await eventually(lambda: (b / "d0/f0.txt").read_bytes() == b"FILE 000")
+    await eventually(lambda: not (b / "d3/f3.txt").exists())
+    assert (b / "d1/f1.txt").read_bytes() == b"file 001"  # a symlink is not synced
+    assert len(tree(b)) == 299
 
 
 async def test_state_folder_and_temp_files_never_leave_the_client(

@@ -52,7 +52,7 @@ from ..protocol.paths import STATE_DIR_NAME, is_valid_path
 from ..protocol.sse import ServerSentEvent
 from . import status
 from .ahead import Announced
-from .batching import Batches
+from .batching import Batcher, Batches, Pending
 from .conflicts import normalize_name
 from .early import EarlySend
 from .guard import DeleteGuard, DeletionsHeld, GuardLimits
@@ -95,6 +95,8 @@ RETRY_FAILED_EVERY = 30.0
 #: fetching ahead only saves time).
 AHEAD_AT_ONCE = 2
 AHEAD_QUEUE = 8
+#: Paths whose stat one thread call compares with the index at most (`_still_synced`).
+LOOKS_AT_ONCE = 512
 #: `status` sizes at most this many of the paths waiting to go up.
 STATUS_LOOKS = 10_000
 
@@ -124,6 +126,9 @@ class Engine:
         self._connected_since: float | None = None
         self._last_error: str | None = None
         self._scanner = Scanner(self.root, self._io)
+        #: Stats of paths that were synced when last seen, looked at together (made per
+        #: connection, with the workers that use it).
+        self._looks = self._new_looks()
         #: Where the event listener hands announced uploads to be fetched ahead (live mode).
         self._ahead: trio.MemorySendChannel[Announced] | None = None
         #: Uploads announced in steps and handed on, by (origin, upload id): later steps are
@@ -506,6 +511,8 @@ class Engine:
         self, nursery: trio.Nursery, remote: Remote, *, ahead: bool = False
     ) -> Transfer:
         nursery.start_soon(self.queue.run_deferred)
+        self._looks = self._new_looks()
+        await nursery.start(self._looks.run)
         batches = Batches(remote, compress=self.config.compress)
         await nursery.start(batches.run)
         tmp = self.state_dir / "tmp"
@@ -533,6 +540,10 @@ class Engine:
             while True:
                 path = await self.queue.get()
                 try:
+                    finished = self._finished.get(path)
+                    if await self._still_synced(path):
+                        self._looked(path, finished)
+                        continue
                     with transfer.sending_early(
                         path, early_sends, partial(self._done_writing, path)
                     ) as early:
@@ -540,15 +551,43 @@ class Engine:
                 finally:
                     self.queue.done(path)
 
+    async def _still_synced(self, path: str) -> bool:
+        """Whether *path* is, as far as its stat can tell, the file last synced, and the
+        server's version the one it was synced with: a look would decide to do nothing. Many
+        looks are echoes of our own work (the watcher reporting a download placed, the server
+        an upload committed); they share thread calls here instead of each taking a pass."""
+        assert self.remote_state is not None
+        base = self.index.get(path)
+        if base is None or base.racy or base.is_dir or path == IGNORE_FILE:
+            return False
+        remote = self.remote_state.get(path)
+        if remote is None or remote.deleted or remote.rev != base.rev:
+            return False
+        if self._scanner.ignore.ignored(path, is_dir=False):
+            return False  # a pass forgets it
+        return await self._looks.call((path, base.stat_key))
+
+    def _new_looks(self) -> Batcher[tuple[str, StatKey], bool]:
+        return Batcher(self._look_at_many, max_items=LOOKS_AT_ONCE)
+
+    async def _look_at_many(self, batch: list[Pending[tuple[str, StatKey], bool]]) -> None:
+        same = await self._io.run_sync(self._scanner.unchanged, [p.item for p in batch])
+        for pending, unchanged in zip(batch, same, strict=True):
+            pending.resolve(unchanged)
+
+    def _looked(self, path: str, finished: int | None) -> None:
+        """*path* was looked at and is in sync."""
+        if self._finished.get(path) == finished:  # else a newer close came meanwhile
+            self._finished.pop(path, None)
+        self.failed.pop(path, None)
+        self._rechecks.pop(path, None)
+
     async def _sync_path(self, transfer: Transfer, path: str, early: EarlySend) -> None:
         assert self.remote_state is not None
         finished = self._finished.get(path)
         try:
             await self._apply(transfer, path, early)
-            if self._finished.get(path) == finished:  # else a newer close came meanwhile
-                self._finished.pop(path, None)
-            self.failed.pop(path, None)
-            self._rechecks.pop(path, None)
+            self._looked(path, finished)
         except Conflict as conflict:
             # The server's tree is not what we thought: learn what it has and decide again.
             if conflict.current is not None:
@@ -720,6 +759,11 @@ class Engine:
             log.info("downloaded %s (the server's version)", path)
         if path == IGNORE_FILE and await self._reload_ignore():
             await self._mark_all()
+
+    @property
+    def blocking_calls(self) -> int:
+        """Calls handed to the folder's worker threads so far (the index's not counted)."""
+        return self._io.calls
 
     async def status(self) -> dict[str, Any]:
         """What `trio-sync status` shows (client/status.py)."""

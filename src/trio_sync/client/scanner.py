@@ -246,6 +246,20 @@ class Scanner:
             return None
         return fd
 
+    def unchanged(self, known: list[tuple[str, StatKey]]) -> list[bool]:
+        """For each (path, key): whether *path* is still a regular file whose stat is *key*.
+        Many at once, since one thread call costs more than a stat. Blocking."""
+        same = []
+        for path, key in known:
+            try:
+                with anchored(self.root, path) as full:
+                    st = os.lstat(full)
+            except (OSError, Unsyncable):
+                same.append(False)
+                continue
+            same.append(stat.S_ISREG(st.st_mode) and stat_key(st) == key)
+        return same
+
     def _scan_whole(self, path: str, base: BaseEntry | None) -> LocalFile | None:
         found = self._scan(path, base, None)
         assert not isinstance(found, _ToHash)
