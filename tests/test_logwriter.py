@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -40,6 +41,15 @@ def logged() -> Iterator[tuple[logging.Logger, LogWriter, RecordingStream]]:
         logger.removeHandler(writer)
 
 
+@asynccontextmanager
+async def writing(writer: LogWriter) -> AsyncIterator[None]:
+    """The writer's task runs for the block and is cancelled at its end."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        yield
+        nursery.cancel_scope.cancel()
+
+
 async def wait_for_text(stream: RecordingStream, text: str) -> None:
     with trio.fail_after(5):
         while text not in stream.getvalue():  # noqa: ASYNC110 - a worker thread writes it
@@ -53,13 +63,11 @@ async def test_lines_are_written_off_the_loop_while_it_runs_and_directly_around_
     loop_thread = threading.get_ident()
     logger.info("before")
     assert stream.getvalue() == "INFO before\n"
-    async with trio.open_nursery() as nursery:
-        await nursery.start(writer.run)
+    async with writing(writer):
         for n in range(100):
             logger.info("file %d", n)
         assert "file" not in stream.getvalue()  # gathered, not written by the loop
         await wait_for_text(stream, "file 99")
-        nursery.cancel_scope.cancel()
     logger.warning("after")
     lines = stream.getvalue().splitlines()
     assert lines == ["INFO before"] + [f"INFO file {n}" for n in range(100)] + ["WARNING after"]
@@ -73,13 +81,11 @@ async def test_lines_from_other_threads_wake_the_writer(
     logged: tuple[logging.Logger, LogWriter, RecordingStream],
 ) -> None:
     logger, writer, stream = logged
-    async with trio.open_nursery() as nursery:
-        await nursery.start(writer.run)
+    async with writing(writer):
         await trio.to_thread.run_sync(logger.info, "from a worker")
         await wait_for_text(stream, "from a worker")
         logger.info("from the loop")
         await wait_for_text(stream, "from the loop")
-        nursery.cancel_scope.cancel()
     assert stream.getvalue() == "INFO from a worker\nINFO from the loop\n"
 
 
@@ -87,10 +93,8 @@ async def test_lines_gathered_when_the_writer_is_cancelled_are_still_written(
     logged: tuple[logging.Logger, LogWriter, RecordingStream],
 ) -> None:
     logger, writer, stream = logged
-    async with trio.open_nursery() as nursery:
-        await nursery.start(writer.run)
+    async with writing(writer):
         logger.info("stopping")
-        nursery.cancel_scope.cancel()
     assert stream.getvalue() == "INFO stopping\n"
     logger.info("stopped")
     assert stream.getvalue().endswith("INFO stopped\n")
