@@ -335,3 +335,54 @@ async def test_metrics_are_prometheus_text_behind_the_bearer_token(server: Serve
     assert 'trio_sync_requests_total{route="POST /commit"} 2.0' in text
     assert "trio_sync_received_bytes_total" in text
     assert TOKEN not in text
+
+
+async def test_a_folder_moves_in_one_transaction_if_it_is_what_the_client_expects(
+    server: ServerHandle,
+) -> None:
+    async with http(server, headers=AUTH) as client:
+        a = (await put_file(client, "old/a.txt", b"a")).json()["entry"]
+        b = (await put_file(client, "old/sub/b.txt", b"b")).json()["entry"]
+        folders = {e["path"]: e["rev"] for e in await listing(client) if e["kind"] == "dir"}
+        expect = {"": folders["old"], "sub": folders["old/sub"], "a.txt": a["rev"]}
+
+        # Not what the server has (b.txt left out): refused, nothing changes.
+        stale = await client.post("/move", json={"from": "old", "to": "new", "expect": expect})
+        assert stale.status_code == 409
+        assert stale.json()["reason"] == "stale"
+        expect["sub/b.txt"] = b["rev"]
+        await put_file(client, "taken/x.txt", b"x")
+        taken = await client.post("/move", json={"from": "old", "to": "taken", "expect": expect})
+        assert taken.status_code == 409
+        assert taken.json()["reason"] == "blocked"
+        inside = await client.post("/move", json={"from": "old", "to": "old/in", "expect": expect})
+        assert inside.status_code == 400
+        assert {e["path"] for e in await listing(client)} == {
+            "old", "old/a.txt", "old/sub", "old/sub/b.txt", "taken", "taken/x.txt",
+        }  # fmt: skip
+
+        moved = await client.post("/move", json={"from": "old", "to": "deep/new", "expect": expect})
+        assert moved.status_code == 200, moved.text
+        entries = moved.json()["entries"]
+    # A missing parent first, then the new paths parents first, then the old ones children
+    # first, each a revision of its own; each new path names where it came from.
+    assert [(e["path"], e["deleted"]) for e in entries] == [
+        ("deep", False), ("deep/new", False), ("deep/new/a.txt", False),
+        ("deep/new/sub", False), ("deep/new/sub/b.txt", False), ("old/sub/b.txt", True),
+        ("old/sub", True), ("old/a.txt", True), ("old", True),
+    ]  # fmt: skip
+    assert [e["rev"] for e in entries] == list(range(entries[0]["rev"], entries[-1]["rev"] + 1))
+    assert [e.get("moved_from") for e in entries] == [
+        None, "old", "old/a.txt", "old/sub", "old/sub/b.txt", None, None, None, None,
+    ]  # fmt: skip
+    assert (entries[2]["hash"], entries[2]["chunks"]) == (a["hash"], a["chunks"])
+    async with http(server, headers=AUTH) as client:
+        assert {e["path"] for e in await listing(client)} == {
+            "deep", "deep/new", "deep/new/a.txt", "deep/new/sub", "deep/new/sub/b.txt",
+            "taken", "taken/x.txt",
+        }  # fmt: skip
+
+
+async def listing(client: httpx.AsyncClient) -> list[dict[str, Any]]:
+    lines = (await client.get("/files")).text.splitlines()
+    return [json.loads(line) for line in lines[1:]]

@@ -116,6 +116,8 @@ async def test_a_folder_moved_inside_is_followed_under_its_new_name(tmp_path: Pa
         (tmp_path / "a").rename(tmp_path / "c")
         await seen.until("c")
         assert "a" in seen.paths
+        # The two ends are paired: the client can send the rename as one.
+        assert [m for batch in seen.batches for m in batch.moves] == [("a", "c")]
         await seen.quiet()
         seen.paths.clear()
         (tmp_path / "c" / "b" / "new").write_text("x")
@@ -130,8 +132,13 @@ async def test_a_folder_moved_out_is_no_longer_watched(tmp_path: Path) -> None:
     before = inotify_watches()
     async with watching(root) as seen:
         (root / "a").rename(away)
+        (root / "file").write_text("x")
+        (root / "file").rename(root / "renamed")
         await seen.until("a")
+        await seen.until("renamed")
         await seen.quiet()
+        # Moved out (no other end) and a file's rename: neither is a folder's move.
+        assert not [m for batch in seen.batches for m in batch.moves]
         assert inotify_watches() - before == 1
         (away / "b" / "f").write_text("x")
         (root / "g").write_text("x")

@@ -41,6 +41,7 @@ from ..errors import (
     LocalChanged,
     ProtocolError,
     RejectedByServer,
+    RemoteError,
     ServerReset,
     ServerUnavailable,
     StateError,
@@ -50,7 +51,7 @@ from ..errors import (
 from ..protocol.models import CHUNKER, DIR, FileEntry, Incoming, is_valid_name
 from ..protocol.paths import STATE_DIR_NAME, is_valid_path
 from ..protocol.sse import ServerSentEvent
-from . import status
+from . import moves, status
 from .ahead import Announced
 from .batching import Batcher, Batches, Pending
 from .conflicts import normalize_name
@@ -144,6 +145,8 @@ class Engine:
         self._finished: dict[str, int] = {}
         #: What is moving now and what moved since the last reconcile began.
         self.progress = Progress()
+        #: Events of a folder another client moved, held until the move is whole (moves.py).
+        self._held = moves.HeldMoves()
 
     @property
     def index(self) -> Index:
@@ -237,11 +240,12 @@ class Engine:
                         self._connected_since = time.time()
                         self.progress.reset()
                         async with trio.open_nursery() as nursery:
+                            self.queue.mark_many(self._held.release())  # a move cut off
                             await nursery.start(
                                 partial(
                                     watch,
                                     self.root,
-                                    self._on_local_change,
+                                    partial(self._on_local_change, remote=remote),
                                     on_overflow=self._mark_all,
                                     debounce_ms=self.config.debounce_ms,
                                 )
@@ -412,7 +416,11 @@ class Engine:
         return [p for p, e in self.remote_state.items() if p.startswith(prefix) and not e.deleted]
 
     def _learn(self, entry: FileEntry) -> None:
-        if self._know(entry):
+        if not self._know(entry):
+            return
+        held, release = self._held.take(entry, self.name)
+        self.queue.mark_many(release)
+        if not held:
             self.queue.mark(entry.path)
 
     def _know(self, entry: FileEntry) -> bool:
@@ -470,8 +478,11 @@ class Engine:
         log.info("ignore rules %s", "loaded" if text else "cleared")
         return True
 
-    async def _on_local_change(self, changes: Changes) -> None:
+    async def _on_local_change(self, changes: Changes, *, remote: Remote | None = None) -> None:
         paths, folders_seen = changes.paths, changes.folders
+        if remote is not None:
+            for source, target in changes.moves:
+                await self._move_out(remote, source, target)
         now = time.time_ns()
         for p in paths:
             if p in changes.finished:
@@ -497,9 +508,72 @@ class Engine:
         if folders:  # the index is big; most batches name only files
             self.queue.mark_many(p for p in self.index.paths() if _below(p, folders))
 
+    async def _move_out(self, remote: Remote, source: str, target: str) -> None:
+        """Tell the server that folder *source* moved to *target*, as one operation, when this
+        client holds it as the server does (moves.py); else its paths go one by one."""
+        if self.remote_state is None or not (is_valid_path(source) and is_valid_path(target)):
+            return
+        request = moves.plan_outgoing(
+            source, target, self.index, self.remote_state, self._ignored, self.queue.busy
+        )
+        if request is None:
+            return
+        move, released = self._held.outgoing(source, target)
+        self.queue.mark_many(released)
+        try:
+            entries = await remote.move(request)
+            for entry in entries:
+                self._know(entry)
+            below = [p for p in self.index.paths() if moves.at_or_below(p, source)]
+            await self.index.replace_many(
+                below, moves.moved_bases(self.index, source, target, entries)
+            )
+            log.info("moved folder %s to %s on the server (%d paths)", source, target, len(below))
+        except (RemoteError, ProtocolError, StateError) as e:
+            # Refused (the server's folder changed, or it predates moves), not answered, or
+            # not noted here: the looks at each path find out what happened, either way.
+            log.info("%s -> %s: not moved as one (%s); path by path", source, target, e)
+        finally:
+            self.queue.mark_many(self._held.finish(move))
+
+    async def _move_in(self, move: moves.Move) -> bool:
+        """Apply a folder moved by another client by renaming ours, if ours is what was synced
+        and nothing at either end is being worked on; True if done. Held paths are let go of
+        either way; after a rename, those at the old place need no look."""
+        assert self.remote_state is not None
+        move.applying = True
+        done = renamed = False
+        try:
+            busy = self.queue.busy - {move.target}
+            plan = moves.plan_incoming(move, self.index, self.remote_state, self._ignored, busy)
+            if plan is not None:
+                renamed = await self._io.run_sync(
+                    moves.rename_folder, self.root, move.source, move.target, plan.checks
+                )
+            if renamed:
+                assert plan is not None
+                await self.index.replace_many(plan.removed, plan.added)
+                done = True
+                log.info(
+                    "moved folder %s to %s (%d paths, as on the server)",
+                    move.source, move.target, len(plan.removed),
+                )  # fmt: skip
+        except StateError as e:
+            log.error("%s: %s", move.target, e)  # each path's look adopts what is there
+        finally:
+            held = self._held.finish(move)
+            if done:
+                held = [p for p in held if not moves.at_or_below(p, move.source)]
+            self.queue.mark_many(p for p in held if p != move.target)
+        return done
+
+    def _ignored(self, path: str, is_dir: bool) -> bool:
+        return self._scanner.ignore.ignored(path, is_dir=is_dir)
+
     async def _housekeeping(self, transfer: Transfer) -> None:
         while True:
             await trio.sleep(RETRY_FAILED_EVERY)
+            self.queue.mark_many(self._held.expired())
             await transfer.drop_stale_ahead()
             self.queue.mark_many(list(self.failed))
             for spot in self._parking.expired():
@@ -541,6 +615,10 @@ class Engine:
                 path = await self.queue.get()
                 try:
                     finished = self._finished.get(path)
+                    move = self._held.ready(path)
+                    if move is not None and await self._move_in(move):
+                        self._looked(path, finished)
+                        continue
                     if await self._still_synced(path):
                         self._looked(path, finished)
                         continue

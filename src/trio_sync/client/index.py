@@ -49,6 +49,17 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
+_PUT = "INSERT OR REPLACE INTO base VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+def _row(e: BaseEntry) -> tuple[Any, ...]:
+    chunks = json.dumps([[c.hash, c.size] for c in e.chunks])
+    return (
+        e.path, e.rev, e.kind, e.hash, e.size, chunks, int(e.executable), e.mtime_ns, e.inode,
+        int(e.racy),
+    )  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True)
 class StatKey:
     """What we compare to decide whether a file may have changed without reading it."""
@@ -163,14 +174,7 @@ class Index:
         return {p: e.stat_key for p, e in self._entries.items() if not e.is_dir}
 
     async def put(self, entry: BaseEntry) -> None:
-        chunks = json.dumps([[c.hash, c.size] for c in entry.chunks])
-        await self._run(
-            "INSERT OR REPLACE INTO base VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                entry.path, entry.rev, entry.kind, entry.hash, entry.size, chunks,
-                int(entry.executable), entry.mtime_ns, entry.inode, int(entry.racy),
-            ),
-        )  # fmt: skip
+        await self._run(_PUT, _row(entry))
         self._unlink_chunks(entry.path)
         self._entries[entry.path] = entry
         self._link_chunks(entry)
@@ -204,6 +208,34 @@ class Index:
         """(path, offset) where a chunk with this hash was when those files were last synced.
         The files may have changed since: read, then verify the hash."""
         return list(self._by_chunk.get(hash, {}).items())
+
+    async def replace_many(self, removed: list[str], added: list[BaseEntry]) -> None:
+        """Remove the entries of *removed*, then put *added*, in one transaction."""
+        rows = [_row(e) for e in added]
+
+        def write() -> None:
+            conn = self._conn
+            conn.execute("BEGIN")
+            try:
+                conn.executemany("DELETE FROM base WHERE path = ?", [(p,) for p in removed])
+                conn.executemany(_PUT, rows)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+        try:
+            await self._offload.run_sync(write)
+        except sqlite3.Error as e:
+            raise StateError(f"cannot write the state database: {e}") from e
+        for path in removed:
+            self._unlink_chunks(path)
+            self._entries.pop(path, None)
+        for entry in added:
+            self._unlink_chunks(entry.path)
+            self._entries[entry.path] = entry
+            self._link_chunks(entry)
 
     async def remove(self, path: str) -> None:
         await self._run("DELETE FROM base WHERE path = ?", (path,))

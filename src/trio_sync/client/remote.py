@@ -32,6 +32,7 @@ from ..protocol.models import (
     CommitRequest,
     FileEntry,
     Incoming,
+    MoveRequest,
     check_hash,
 )
 from ..protocol.sse import ServerSentEvent, SSEParser
@@ -237,6 +238,15 @@ class Remote:
         if not isinstance(results, list) or len(results) != len(requests):
             raise ProtocolError("/commits: one result per commit expected")
         return [_commit_result(r) for r in results]
+
+    async def move(self, request: MoveRequest) -> list[FileEntry]:
+        """Move a folder on the server (`POST /move`); the versions it made, in order. Raises
+        Conflict when the server's folder is not the one expected or the target is taken."""
+        response = await self._request("POST", "/move", json=request.to_json())
+        entries = _object(_json(response.content), "/move").get("entries")
+        if not isinstance(entries, list) or not entries:
+            raise ProtocolError("/move: a list of entries expected")
+        return [_entry(e) for e in entries]
 
     async def listen(
         self, cursor: int, on_event: Callable[[ServerSentEvent], Awaitable[None]]

@@ -100,8 +100,8 @@ class _Inotify:
                 del self.folders[wd]
                 self._libc.inotify_rm_watch(self.fd, wd)  # EINVAL if already gone: fine
 
-    def read(self) -> Iterator[tuple[int, int, str]]:
-        """Every event queued now: (watch descriptor, mask, name)."""
+    def read(self) -> Iterator[tuple[int, int, int, str]]:
+        """Every event queued now: (watch descriptor, mask, cookie, name)."""
         while True:
             try:
                 data = os.read(self.fd, _READ_SIZE)
@@ -109,11 +109,11 @@ class _Inotify:
                 return
             offset = 0
             while offset < len(data):
-                wd, mask, _cookie, size = _EVENT.unpack_from(data, offset)
+                wd, mask, cookie, size = _EVENT.unpack_from(data, offset)
                 offset += _EVENT.size
                 name = os.fsdecode(data[offset : offset + size].rstrip(b"\0"))
                 offset += size
-                yield wd, mask, name
+                yield wd, mask, cookie, name
 
     def close(self) -> None:
         trio.lowlevel.notify_closing(self.fd)
@@ -177,6 +177,9 @@ class Changes:
     #: Those of `paths` whose writer is done with them: the last event was a close after
     #: writing (`IN_CLOSE_WRITE`) or a rename into place (`IN_MOVED_TO`), not a write.
     finished: set[str] = field(default_factory=set)
+    #: Folders renamed within the synced folder, (from, to) in the order they happened: the
+    #: kernel pairs the two ends of a rename by a cookie.
+    moves: list[tuple[str, str]] = field(default_factory=list)
 
 
 async def watch(
@@ -232,13 +235,14 @@ class _Batch:
         self._inotify = inotify
         self.changes = Changes()
         self.everything = False
+        self._moved_from: dict[int, str] = {}  # cookie -> the folder renamed away
 
-    def take(self, events: Iterable[tuple[int, int, str]]) -> list[str]:
+    def take(self, events: Iterable[tuple[int, int, int, str]]) -> list[str]:
         """Add *events*; return the folders that appeared in them, to be watched."""
         folders = self._inotify.folders
         changes = self.changes
         new: list[str] = []
-        for wd, mask, name in events:
+        for wd, mask, cookie, name in events:
             if mask & IN_Q_OVERFLOW:
                 log.warning("the kernel dropped file events (a burst too big); rescanning all")
                 self.everything = True
@@ -269,6 +273,9 @@ class _Batch:
                 if mask & IN_MOVED_FROM:
                     self._inotify.forget(rel)
                     new = [f for f in new if f != rel and not f.startswith(rel + "/")]
+                    self._moved_from[cookie] = rel
                 elif mask & (IN_CREATE | IN_MOVED_TO):
                     new.append(rel)
+                    if mask & IN_MOVED_TO and cookie in self._moved_from:
+                        changes.moves.append((self._moved_from.pop(cookie), rel))
         return new

@@ -39,6 +39,9 @@ MAX_FETCH = 4096
 MAX_FETCH_WAIT = 30.0
 #: The most commits one `POST /commits` may carry.
 MAX_COMMITS = 1000
+#: Entries one `POST /move` may carry (the folder and everything below it); a bigger folder
+#: moves path by path.
+MAX_MOVE = 100_000
 #: The most chunks one file version may have (about 1 TiB at the average chunk size).
 MAX_CHUNKS = 1_048_576
 #: Integers on the wire fit SQLite's (and most languages') signed 64 bits.
@@ -176,19 +179,25 @@ class FileEntry:
     executable: bool = False
     mtime_ns: int = 0
     origin: str = ""
+    #: On a version a folder's move (`POST /move`) made: the path it moved from. A client
+    #: holding that folder as the server had it may rename it instead of path by path.
+    moved_from: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         if self.deleted:
             return {"path": self.path, "rev": self.rev, "deleted": True, "origin": self.origin}
         if self.kind == DIR:
-            return {
+            out: dict[str, Any] = {
                 "path": self.path,
                 "rev": self.rev,
                 "deleted": False,
                 "kind": DIR,
                 "origin": self.origin,
             }
-        return {
+            if self.moved_from is not None:
+                out["moved_from"] = self.moved_from
+            return out
+        out = {
             "path": self.path,
             "rev": self.rev,
             "deleted": False,
@@ -200,6 +209,9 @@ class FileEntry:
             "mtime_ns": self.mtime_ns,
             "origin": self.origin,
         }
+        if self.moved_from is not None:
+            out["moved_from"] = self.moved_from
+        return out
 
     @classmethod
     def from_json(cls, data: object) -> FileEntry:
@@ -212,8 +224,11 @@ class FileEntry:
             raise ProtocolError("'origin' must be a string")
         if _bool(data, "deleted"):
             return cls(path=path, rev=rev, deleted=True, origin=origin)
+        moved_from = data.get("moved_from")
+        if moved_from is not None:
+            moved_from = check_path(moved_from)
         if _kind(data) == DIR:
-            return cls(path=path, rev=rev, kind=DIR, origin=origin)
+            return cls(path=path, rev=rev, kind=DIR, origin=origin, moved_from=moved_from)
         hash, size, chunks = _content(data)
         return cls(
             path=path,
@@ -224,6 +239,7 @@ class FileEntry:
             executable=_bool(data, "executable"),
             mtime_ns=_int(data, "mtime_ns"),
             origin=origin,
+            moved_from=moved_from,
         )
 
 
@@ -281,6 +297,40 @@ class CommitRequest:
             executable=_bool(data, "executable"),
             mtime_ns=_int(data, "mtime_ns"),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class MoveRequest:
+    """`POST /move`: folder *source* and everything below it now live at *target*, if the
+    server's live entries there are still exactly *expect*: each path relative to *source*
+    ("" for the folder itself) with its revision."""
+
+    source: str
+    target: str
+    expect: dict[str, int]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"from": self.source, "to": self.target, "expect": self.expect}
+
+    @classmethod
+    def from_json(cls, data: object) -> MoveRequest:
+        if not isinstance(data, dict):
+            raise ProtocolError("a move is a JSON object")
+        source = check_path(data.get("from"))  # type: ignore[arg-type]
+        target = check_path(data.get("to"))  # type: ignore[arg-type]
+        if target == source or target.startswith(source + "/"):
+            raise ProtocolError("a folder cannot move into itself")
+        expect = data.get("expect")
+        if not isinstance(expect, dict) or not 0 < len(expect) <= MAX_MOVE or "" not in expect:
+            raise ProtocolError(
+                f"'expect' must map the folder (\"\") and up to {MAX_MOVE} paths below it to"
+                " their revisions"
+            )
+        for rel in expect:
+            if rel:
+                check_path(f"{target}/{check_path(rel)}")  # the new path must be valid too
+        revs = {rel: _int(expect, rel, minimum=1) for rel in expect}
+        return cls(source=source, target=target, expect=revs)
 
 
 @dataclass(frozen=True, slots=True)

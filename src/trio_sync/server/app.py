@@ -35,6 +35,7 @@ from ..protocol.models import (
     CommitRequest,
     FileEntry,
     Incoming,
+    MoveRequest,
     check_hash,
     check_name,
 )
@@ -359,6 +360,19 @@ def create_app(
         response.timeout = None
         return response
 
+    def _conflict(outcome: Conflict) -> dict[str, Any]:
+        prometheus.conflicts.labels(outcome.reason).inc()
+        current = outcome.current.to_json() if outcome.current else None
+        result: dict[str, Any] = {
+            "error": "conflict",
+            "message": str(outcome),
+            "current": current,
+            "reason": outcome.reason,
+        }
+        if outcome.blocking is not None:
+            result["blocking"] = outcome.blocking.to_json()
+        return result
+
     async def commit_all(requests: list[CommitRequest]) -> list[dict[str, Any]]:
         origin = _client_name()
         needed = dict.fromkeys(c.hash for r in requests if not r.deleted for c in r.chunks)
@@ -380,17 +394,7 @@ def create_app(
         latest = 0
         for i, outcome in zip(ready, outcomes, strict=True):
             if isinstance(outcome, Conflict):
-                prometheus.conflicts.labels(outcome.reason).inc()
-                current = outcome.current.to_json() if outcome.current else None
-                result: dict[str, Any] = {
-                    "error": "conflict",
-                    "message": str(outcome),
-                    "current": current,
-                    "reason": outcome.reason,
-                }
-                if outcome.blocking is not None:
-                    result["blocking"] = outcome.blocking.to_json()
-                results[i] = result
+                results[i] = _conflict(outcome)
             elif isinstance(outcome, StoreError):
                 results[i] = {"error": "rejected", "message": str(outcome)}
             else:
@@ -421,6 +425,23 @@ def create_app(
         if not isinstance(raw, list) or not 0 < len(raw) <= MAX_COMMITS:
             raise ProtocolError(f"'commits' must be a list of 1 to {MAX_COMMITS} commits")
         return _json({"results": await commit_all([CommitRequest.from_json(c) for c in raw])})
+
+    @app.post("/move")
+    async def move() -> Response:
+        request = MoveRequest.from_json(await _json_body())
+        origin = _client_name()
+        try:
+            async with lock:
+                entries = await meta.move(request, origin)
+        except Conflict as conflict:
+            return _json(_conflict(conflict), status=409)
+        prometheus.commits.inc(len(entries))
+        hub.publish(entries[-1].rev)
+        log.info(
+            "revs %d-%d: moved %s to %s (%d paths) from %s", entries[0].rev, entries[-1].rev,
+            request.source, request.target, len(request.expect), origin,
+        )  # fmt: skip
+        return _json({"entries": [e.to_json() for e in entries]})
 
     @app.get("/")
     async def page() -> Response:

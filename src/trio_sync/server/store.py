@@ -44,6 +44,7 @@ from ..protocol.models import (
     Chunk,
     CommitRequest,
     FileEntry,
+    MoveRequest,
     check_hash,
 )
 
@@ -67,6 +68,16 @@ class MetaStore(Protocol):
     async def commit_many(self, requests: list[CommitRequest], origin: str) -> list[CommitResult]:
         """`commit` for each request, in order, each result on its own (an error is returned,
         not raised), in one durable write."""
+        ...
+
+    async def move(self, request: MoveRequest, origin: str) -> list[FileEntry]:
+        """Move a folder and everything below it, in one durable write: a version at the new
+        path for each live entry (parents first; the folder's names where it came from), then a
+        deletion of each old one (children first). Returns the new versions in order.
+
+        Raises `Conflict`: "stale" if the live entries below the folder are not the ones
+        expected, "blocked" if the target or one of its parents is taken.
+        """
         ...
 
     async def changes_since(
@@ -166,7 +177,8 @@ CREATE TABLE IF NOT EXISTS versions (
     executable INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
     origin TEXT NOT NULL,
-    committed_at REAL NOT NULL
+    committed_at REAL NOT NULL,
+    moved TEXT  -- for a version a folder's move made: the path at the move's other end
 );
 CREATE INDEX IF NOT EXISTS versions_by_path ON versions (path, rev);
 CREATE TABLE IF NOT EXISTS current (
@@ -205,7 +217,8 @@ _RENAMED_FROM = (
 )
 
 _COLUMNS = (
-    "v.rev, v.path, v.deleted, v.kind, v.hash, v.size, v.chunks, v.executable, v.mtime_ns, v.origin"
+    "v.rev, v.path, v.deleted, v.kind, v.hash, v.size, v.chunks, v.executable, v.mtime_ns,"
+    " v.origin, v.moved"
 )
 _CHUNKS_COLUMN = 6
 #: A page of listings or events stops after about this many bytes of chunk lists.
@@ -225,7 +238,7 @@ def _at_or_below(column: str, folder: str) -> tuple[str, tuple[str, ...]]:
 
 
 def _entry(row: tuple[Any, ...]) -> FileEntry:
-    rev, path, deleted, kind, hash_, size, chunks, executable, mtime_ns, origin = row
+    rev, path, deleted, kind, hash_, size, chunks, executable, mtime_ns, origin, moved = row
     return FileEntry(
         path=path,
         rev=rev,
@@ -237,6 +250,7 @@ def _entry(row: tuple[Any, ...]) -> FileEntry:
         executable=bool(executable),
         mtime_ns=mtime_ns,
         origin=origin,
+        moved_from=None if deleted else moved,
     )
 
 
@@ -261,6 +275,9 @@ class SQLiteMetaStore:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.executescript(_SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(versions)")}
+            if "moved" not in columns:  # a store from before folder moves
+                conn.execute("ALTER TABLE versions ADD COLUMN moved TEXT")
             conn.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('server_id', ?)",
                 (uuid.uuid4().hex,),
@@ -311,11 +328,11 @@ class SQLiteMetaStore:
         ).fetchone()
         return _entry(row) if row else None
 
-    def _insert(self, req: CommitRequest, origin: str) -> FileEntry:
+    def _insert(self, req: CommitRequest, origin: str, moved: str | None = None) -> FileEntry:
         chunks = json.dumps([[c.hash, c.size] for c in req.chunks])
         rev = self._conn.execute(
             "INSERT INTO versions (path, deleted, kind, hash, size, chunks, executable, mtime_ns,"
-            " origin, committed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " origin, committed_at, moved) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 req.path,
                 int(req.deleted),
@@ -327,6 +344,7 @@ class SQLiteMetaStore:
                 req.mtime_ns,
                 origin,
                 time.time(),
+                moved,
             ),
         ).lastrowid
         assert rev is not None
@@ -350,6 +368,7 @@ class SQLiteMetaStore:
             executable=req.executable,
             mtime_ns=req.mtime_ns,
             origin=origin,
+            moved_from=None if req.deleted else moved,
         )
 
     def _apply(self, req: CommitRequest, origin: str) -> tuple[FileEntry, bool]:
@@ -370,15 +389,7 @@ class SQLiteMetaStore:
             if live.kind == DIR and self._first_live_below(req.path) is not None:
                 raise Conflict(req.path, cur, reason="not_empty")
         else:
-            parents = req.path.split("/")[:-1]
-            ancestors = ["/".join(parents[: i + 1]) for i in range(len(parents))]
-            missing = []
-            for ancestor in ancestors:
-                existing = self._live(ancestor)
-                if existing is None:
-                    missing.append(ancestor)
-                elif existing.kind == FILE:
-                    raise Conflict(req.path, cur, reason="blocked", blocking=existing)
+            missing = self._parents_for(req.path, cur)
             if req.kind == FILE:
                 below = self._first_live_below(req.path)
                 if below is not None:
@@ -424,6 +435,70 @@ class SQLiteMetaStore:
         done = iter(applied)
         return [bad[i] if i in bad else next(done) for i in range(len(requests))]
 
+    def _parents_for(self, path: str, cur: FileEntry | None) -> list[str]:
+        """The missing parent folders of *path*, to create before it; Conflict "blocked" if a
+        file stands where one of them must be."""
+        parents = path.split("/")[:-1]
+        missing = []
+        for ancestor in ("/".join(parents[: i + 1]) for i in range(len(parents))):
+            existing = self._live(ancestor)
+            if existing is None:
+                missing.append(ancestor)
+            elif existing.kind == FILE:
+                raise Conflict(path, cur, reason="blocked", blocking=existing)
+        return missing
+
+    def _move(self, req: MoveRequest, origin: str) -> list[FileEntry]:
+        conn = self._conn
+        where, params = _at_or_below("c.path", req.source)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            live = [
+                _entry(row)
+                for row in conn.execute(
+                    f"SELECT {_COLUMNS} FROM current c JOIN versions v ON v.rev = c.rev"
+                    f" WHERE {where} AND v.deleted = 0 ORDER BY c.path",
+                    params,
+                )
+            ]
+            cut = len(req.source) + 1
+            found = {e.path[cut:]: e.rev for e in live}
+            if found != req.expect or live[0].kind != DIR:
+                raise Conflict(req.source, self._current(req.source))
+            target = self._current(req.target)
+            taken = target if target is not None and not target.deleted else None
+            taken = taken or self._first_live_below(req.target)
+            if taken is not None:
+                raise Conflict(req.target, target, reason="blocked", blocking=taken)
+            out = [
+                self._insert(CommitRequest(path=p, base_rev=0, kind=DIR), origin)
+                for p in self._parents_for(req.target, target)
+            ]
+
+            def moved(path: str) -> str:
+                return req.target + path[len(req.source) :]
+
+            for entry in live:  # by path: parents first
+                request = CommitRequest(
+                    path=moved(entry.path), base_rev=0, kind=entry.kind, hash=entry.hash,
+                    size=entry.size, chunks=entry.chunks, executable=entry.executable,
+                    mtime_ns=entry.mtime_ns,
+                )  # fmt: skip
+                out.append(self._insert(request, origin, moved=entry.path))
+            for entry in reversed(live):  # children first
+                request = CommitRequest(path=entry.path, base_rev=entry.rev, deleted=True)
+                out.append(self._insert(request, origin, moved=moved(entry.path)))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return out
+
+    async def move(self, request: MoveRequest, origin: str) -> list[FileEntry]:
+        result: list[FileEntry] = await self._run(self._move, request, origin)
+        return result
+
     async def commit(self, request: CommitRequest, origin: str) -> tuple[FileEntry, bool]:
         (result,) = await self.commit_many([request], origin)
         if isinstance(result, Exception):
@@ -461,10 +536,12 @@ class SQLiteMetaStore:
 
     def _kept(self, sql: str, params: tuple[Any, ...]) -> list[Kept]:
         rows = self._conn.execute(sql, params).fetchall()
-        return [self._renamed(Kept(_entry(row[:-1]), row[-1])) for row in rows]
+        return [self._renamed(Kept(_entry(row[:-1]), row[-1]), row[-2]) for row in rows]
 
-    def _renamed(self, kept: Kept) -> Kept:
+    def _renamed(self, kept: Kept, moved: str | None) -> Kept:
         """*kept* with the other end of its rename, if it is one end of one."""
+        if moved is not None:
+            return replace(kept, renamed=moved)  # a folder's move recorded it
         entry = kept.entry
         if entry.kind == DIR or (not entry.deleted and entry.size == 0):
             return kept  # a folder, or an empty file: nothing tells one from another
