@@ -164,11 +164,18 @@ async def test_a_move_is_held_until_its_last_event_and_let_go_when_cut_short() -
     assert held.take(folder("new/sub", 11, moved_from="old/sub"), "b") == (True, [])
     assert held.take(gone("old/sub", 12), "b") == (True, [])
     assert held.ready("new") is None  # not whole yet
+    # A path marked otherwise meanwhile (a local change, a rescan) waits with the move.
+    assert held.keeps("old/sub/file.txt")
+    assert held.keeps("new")
+    assert not held.keeps("older")
     assert held.take(gone("old", 13), "b") == (True, ["new"])  # whole: its worker may go
+    assert not held.keeps("new")
     move = held.ready("new")
     assert move is not None
+    move.applying = True
+    assert held.keeps("new")  # marked again while its worker applies the move
     assert held.take(folder("elsewhere", 14), "b") == (False, [])  # not part of it
-    assert held.finish(move) == ["new", "new/sub", "old", "old/sub"]
+    assert held.finish(move) == ["new", "new/sub", "old", "old/sub", "old/sub/file.txt"]
     assert held.move is None
 
     # A move whose events stop before its end is let go of by the next other event.

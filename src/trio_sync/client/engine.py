@@ -614,6 +614,8 @@ class Engine:
             while True:
                 path = await self.queue.get()
                 try:
+                    if self._held.keeps(path):
+                        continue
                     finished = self._finished.get(path)
                     move = self._held.ready(path)
                     if move is not None and await self._move_in(move):
@@ -853,6 +855,8 @@ class Engine:
             else None
         )
         connected = self._connected_since is not None
+        moving = self._held.move is not None  # a folder's move on its way
+        in_sync = connected and self.queue.idle and not moving and not self.failed and held is None
         up, down = await self._waiting()
         return {
             "running": True,
@@ -862,7 +866,7 @@ class Engine:
             "name": self.name,
             "connected": connected,
             "connected_since": self._connected_since,
-            "in_sync": connected and self.queue.idle and not self.failed and held is None,
+            "in_sync": in_sync,
             "waiting": pending + deferred,
             "waiting_up": up,
             "waiting_down": down,

@@ -166,6 +166,19 @@ class HeldMoves:
             return False, self.release()
         return False, []
 
+    def keeps(self, path: str) -> bool:
+        """Whether a worker that took *path* must leave it to the move held now (it is marked
+        again when the move is let go of): no look may act at either end meanwhile. A look
+        that deleted a file of the old folder between the move's checks and its rename
+        would make the file look deleted at the new place."""
+        move = self.move
+        if move is None or not (at_or_below(path, move.source) or at_or_below(path, move.target)):
+            return False
+        if path == move.target and move.complete and not move.applying:
+            return False  # the worker that applies it
+        move.held.add(path)
+        return True
+
     def ready(self, path: str) -> Move | None:
         """The whole move whose new folder is *path*, if one waits to be applied."""
         move = self.move

@@ -72,8 +72,9 @@ class MetaStore(Protocol):
 
     async def move(self, request: MoveRequest, origin: str) -> list[FileEntry]:
         """Move a folder and everything below it, in one durable write: a version at the new
-        path for each live entry (parents first; the folder's names where it came from), then a
-        deletion of each old one (children first). Returns the new versions in order.
+        path for each live entry (parents first, each naming the path it came from), then a
+        deletion of each old one (children first, each naming its new path). Returns the new
+        versions in order.
 
         Raises `Conflict`: "stale" if the live entries below the folder are not the ones
         expected, "blocked" if the target or one of its parents is taken.
@@ -119,7 +120,7 @@ class Kept:
     committed_at: float
     #: For a file's creation, the path it was renamed from; for its deletion, the path it was
     #: renamed to (a deletion and a creation of the same content by the same client, moments
-    #: apart: how a rename reaches the server).
+    #: apart: how a rename reaches the server; or the two ends of a folder's move).
     renamed: str | None = None
 
 
