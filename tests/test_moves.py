@@ -12,7 +12,11 @@ import pytest
 from trio_sync.client.index import StatKey
 from trio_sync.client.moves import HeldMoves, rename_folder
 from trio_sync.client.scanner import stat_key
-from trio_sync.protocol.models import DIR, FileEntry
+from trio_sync.core.hashing import content_hash, hash_bytes
+from trio_sync.errors import Conflict, StoreError
+from trio_sync.protocol.models import DIR, Chunk, CommitRequest, FileEntry, MoveRequest
+from trio_sync.server import store
+from trio_sync.server.store import SQLiteMetaStore
 
 from .conftest import TOKEN, ServerHandle, eventually, in_sync, requests_between, traffic
 
@@ -191,3 +195,35 @@ async def test_a_move_is_held_until_its_last_event_and_let_go_when_cut_short() -
     assert held.take(gone("p", 41), "b") == (True, [])
     assert held.ready("q") is None  # nothing for a worker to apply
     assert held.finish(ours) == ["p", "q"]
+
+
+async def test_a_folder_too_big_to_hold_is_not_moved_as_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store, "MAX_MOVE_CHUNKS", 2)  # 50,000 in earnest
+    meta = await SQLiteMetaStore.open(tmp_path / "index.db")
+    try:
+        expect = {}
+        for name in ("a", "b", "c"):
+            chunks = (Chunk(hash_bytes(name.encode()), 1),)
+            request = CommitRequest(
+                f"big/{name}", 0, hash=content_hash(chunks), size=1, chunks=chunks
+            )
+            expect[name] = (await meta.commit(request, "a"))[0].rev
+        folder = await meta.current("big")
+        assert folder is not None
+        expect[""] = folder.rev
+        with pytest.raises(StoreError, match="too big to move as one"):
+            await meta.move(MoveRequest("big", "moved", expect), "a")
+        del expect["c"]  # now the server's folder is not the one expected
+        with pytest.raises(Conflict):
+            await meta.move(MoveRequest("big", "moved", expect), "a")
+        assert await meta.current("moved") is None
+        assert [e.path for e in await meta.list_current("", 10)] == [
+            "big",
+            "big/a",
+            "big/b",
+            "big/c",
+        ]
+    finally:
+        await meta.aclose()

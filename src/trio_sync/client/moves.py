@@ -33,7 +33,7 @@ import trio
 from ..core.durable import fsync_dir
 from ..core.renames import rename_noreplace
 from ..errors import TrioSyncError
-from ..protocol.models import DIR, MAX_MOVE, FileEntry, MoveRequest
+from ..protocol.models import DIR, MAX_MOVE, MAX_MOVE_CHUNKS, FileEntry, MoveRequest
 from .index import BaseEntry, Index, StatKey
 from .scanner import anchored, stat_key
 
@@ -76,6 +76,7 @@ def plan_outgoing(
         return None
     prefix, cut = source + "/", len(source) + 1
     expect = {"": folder.rev}
+    chunks = 0
     for path, entry in remote.items():
         if entry.deleted or not path.startswith(prefix):
             continue
@@ -85,8 +86,9 @@ def plan_outgoing(
         if ignored(f"{target}/{path[cut:]}", entry.kind == DIR):
             return None
         expect[path[cut:]] = entry.rev
-        if len(expect) > MAX_MOVE:
-            return None
+        chunks += len(entry.chunks)
+        if len(expect) > MAX_MOVE or chunks > MAX_MOVE_CHUNKS:
+            return None  # too big to move as one
     for path in index.paths():
         if path.startswith(prefix) and path[cut:] not in expect:
             return None  # synced once, gone from the server since: not yet learned

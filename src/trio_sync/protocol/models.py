@@ -39,9 +39,11 @@ MAX_FETCH = 4096
 MAX_FETCH_WAIT = 30.0
 #: The most commits one `POST /commits` may carry.
 MAX_COMMITS = 1000
-#: Entries one `POST /move` may carry (the folder and everything below it); a bigger folder
-#: moves path by path.
-MAX_MOVE = 100_000
+#: Entries one `POST /move` may carry (the folder and everything below it), and chunks their
+#: versions may list in all (about 25 GiB at the average chunk size): the server holds them in
+#: memory while it moves them. A bigger folder moves path by path.
+MAX_MOVE = 10_000
+MAX_MOVE_CHUNKS = 50_000
 #: The most chunks one file version may have (about 1 TiB at the average chunk size).
 MAX_CHUNKS = 1_048_576
 #: Integers on the wire fit SQLite's (and most languages') signed 64 bits.

@@ -435,6 +435,8 @@ def create_app(
                 entries = await meta.move(request, origin)
         except Conflict as conflict:
             return _json(_conflict(conflict), status=409)
+        except StoreError as e:
+            return _error(422, "rejected", str(e))
         prometheus.commits.inc(len(entries))
         hub.publish(entries[-1].rev)
         log.info(

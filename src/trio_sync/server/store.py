@@ -41,6 +41,7 @@ from ..protocol.models import (
     DIR,
     FILE,
     MAX_CHUNK_SIZE,
+    MAX_MOVE_CHUNKS,
     Chunk,
     CommitRequest,
     FileEntry,
@@ -77,7 +78,8 @@ class MetaStore(Protocol):
         versions in order.
 
         Raises `Conflict`: "stale" if the live entries below the folder are not the ones
-        expected, "blocked" if the target or one of its parents is taken.
+        expected, "blocked" if the target or one of its parents is taken; `StoreError` if
+        their versions list more than MAX_MOVE_CHUNKS chunks.
         """
         ...
 
@@ -222,6 +224,9 @@ _COLUMNS = (
     " v.origin, v.moved"
 )
 _CHUNKS_COLUMN = 6
+#: The most one chunk takes in a stored chunk list (`["<64 hex>", 2097152], `; each list
+#: adds its brackets).
+_CHUNK_JSON_MAX = 79
 #: A page of listings or events stops after about this many bytes of chunk lists.
 PAGE_BYTES = 8 * 1024 * 1024
 
@@ -452,16 +457,25 @@ class SQLiteMetaStore:
     def _move(self, req: MoveRequest, origin: str) -> list[FileEntry]:
         conn = self._conn
         where, params = _at_or_below("c.path", req.source)
+        live_below = (
+            f"FROM current c JOIN versions v ON v.rev = c.rev WHERE {where} AND v.deleted = 0"
+        )
         conn.execute("BEGIN IMMEDIATE")
         try:
+            # Counted before anything is loaded: the folder may hold far more than expected.
+            count, listed = conn.execute(
+                f"SELECT COUNT(*), COALESCE(SUM(length(v.chunks)), 0) {live_below}", params
+            ).fetchone()
+            if count != len(req.expect):
+                raise Conflict(req.source, self._current(req.source))
+            if listed > MAX_MOVE_CHUNKS * _CHUNK_JSON_MAX + 2 * count:  # surely too many
+                raise StoreError(f"{req.source}: too big to move as one; move it path by path")
             live = [
                 _entry(row)
-                for row in conn.execute(
-                    f"SELECT {_COLUMNS} FROM current c JOIN versions v ON v.rev = c.rev"
-                    f" WHERE {where} AND v.deleted = 0 ORDER BY c.path",
-                    params,
-                )
+                for row in conn.execute(f"SELECT {_COLUMNS} {live_below} ORDER BY c.path", params)
             ]
+            if sum(len(e.chunks) for e in live) > MAX_MOVE_CHUNKS:
+                raise StoreError(f"{req.source}: too big to move as one; move it path by path")
             cut = len(req.source) + 1
             found = {e.path[cut:]: e.rev for e in live}
             if found != req.expect or live[0].kind != DIR:
