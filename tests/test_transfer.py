@@ -140,6 +140,47 @@ def test_streamed_chunking_cuts_runs_of_zeros_like_the_whole_buffer(tmp_path: Pa
     assert sum(c.size == CDC_MAX for c in digest.chunks) >= 6
 
 
+def edits(content: bytes) -> dict[str, bytes]:
+    middle = len(content) // 2
+    return {
+        "same": content,
+        "overwrite in the middle": content[:middle] + data(MiB, 2) + content[middle + MiB :],
+        "append": content + data(MiB + 3, 3),
+        "truncate": content[: middle + 5],
+        "insert at the start": b"!" + content,
+        "delete in the middle": content[:middle] + content[middle + 777 :],
+        "zeros over a chunk": content[:CDC_MAX] + bytes(CDC_MAX) + content[2 * CDC_MAX :],
+        "another file": data(len(content), 4),
+        "empty": b"",
+    }
+
+
+@pytest.mark.parametrize("edit", list(edits(b"")))
+@pytest.mark.parametrize("step", [None, CDC_MAX])
+def test_a_file_cut_with_its_old_chunks_in_hand_cuts_as_if_cut_alone(
+    tmp_path: Path, edit: str, step: int | None
+) -> None:
+    content = data(21 * MiB + 11, 9)
+    old = chunks_of(content)
+    new = edits(content)[edit]
+    write(tmp_path / "f", new)
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        chunker = Chunker(fd, old)
+        while not chunker.done:
+            chunker.step(step or 0)
+    finally:
+        os.close(fd)
+    assert list(chunker.digest().chunks) == chunks_of(new)
+    # Known chunks where they were are taken by their hash alone: for an edit in place or an
+    # append, all of them but around the edit and the old last one.
+    taken = {"same": len(old) - 1, "append": len(old) - 1, "overwrite in the middle": len(old) - 5}
+    if edit in taken:
+        assert chunker.recognized >= taken[edit]
+    elif edit in ("another file", "empty", "insert at the start"):
+        assert chunker.recognized == 0
+
+
 def test_an_insert_at_the_start_changes_only_the_first_chunk() -> None:
     content = data(20 * MiB, 1)
     before, after = chunks_of(content), chunks_of(b"!" + content)

@@ -81,6 +81,11 @@ def stat_key(st: os.stat_result) -> StatKey:
     return StatKey(st.st_size, st.st_mtime_ns, st.st_ino, bool(st.st_mode & stat.S_IXUSR))
 
 
+def _known(base: BaseEntry | None) -> tuple[Chunk, ...]:
+    """The chunks the file had when last synced: most of an edited file still has them."""
+    return base.chunks if base is not None and not base.is_dir else ()
+
+
 def _stat_fd(fd: int) -> StatKey:
     return stat_key(os.fstat(fd))
 
@@ -211,9 +216,9 @@ class Scanner:
                     continue  # changed since we looked: look again
                 try:
                     if early is not None and early.wants(found.key):
-                        digest = await self._hash_in_steps(fd, early)
+                        digest = await self._hash_in_steps(fd, early, _known(base))
                     else:
-                        digest = await self._offload.run_sync(chunk_file, fd)
+                        digest = await self._offload.run_sync(chunk_file, fd, _known(base))
                     after = await self._offload.run_sync(_stat_fd, fd)
                 finally:
                     os.close(fd)
@@ -221,8 +226,10 @@ class Scanner:
                 return LocalFile(path, found.key, digest.hash, digest.chunks)
         raise LocalChanged(f"{path}: still changing while being read")
 
-    async def _hash_in_steps(self, fd: int, early: EarlySend) -> FileDigest:
-        chunker = await self._offload.run_sync(Chunker, fd)
+    async def _hash_in_steps(
+        self, fd: int, early: EarlySend, known: tuple[Chunk, ...]
+    ) -> FileDigest:
+        chunker = await self._offload.run_sync(Chunker, fd, known)
         while not chunker.done:
             offset = chunker.position
             chunks = await self._offload.run_sync(chunker.step, EARLY_STEP)
@@ -306,7 +313,7 @@ class Scanner:
                     raise Unsyncable(f"{path}: symlinks are not synced") from None
                 raise
             try:
-                digest = chunk_file(fd)
+                digest = chunk_file(fd, _known(base))
                 after = _stat_fd(fd)
             finally:
                 os.close(fd)

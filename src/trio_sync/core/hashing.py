@@ -9,6 +9,7 @@ and the rest of the file keeps its chunks. Blocking functions; callers run them 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from blake3 import blake3
@@ -49,9 +50,17 @@ def cut(data: bytes | memoryview, *, final: bool) -> list[tuple[int, int]]:
     return out
 
 
-def chunk_file(fd: int) -> FileDigest:
-    """Chunk and hash an open file from its start (memory: one buffer, whatever the file size)."""
-    chunker = Chunker(fd)
+def _first_cut(data: memoryview) -> int:
+    """The length of the first chunk of *data* (all of it if it holds no cut point)."""
+    for c in fastcdc_cy(data, min_size=CDC_MIN, avg_size=CDC_AVG, max_size=CDC_MAX):
+        return int(c.length)
+    return 0
+
+
+def chunk_file(fd: int, known: Sequence[Chunk] = ()) -> FileDigest:
+    """Chunk and hash an open file from its start (memory: one buffer, whatever the file size).
+    *known*: the chunks of a version of it seen before (see `Chunker`)."""
+    chunker = Chunker(fd, known)
     while not chunker.done:
         chunker.step()
     return chunker.digest()
@@ -59,10 +68,25 @@ def chunk_file(fd: int) -> FileDigest:
 
 class Chunker:
     """Chunks and hashes an open file from its start, a step at a time, so that a caller can
-    act on the first chunks of a big file while the rest is still being read. Blocking."""
+    act on the first chunks of a big file while the rest is still being read. Blocking.
 
-    def __init__(self, fd: int) -> None:
+    Given the chunks of a version seen before (*known*), it looks for them where they were: at
+    a cut point where a known chunk began, bytes that hash to that chunk are that chunk, and
+    cutting them would cut there again (a cut point depends only on the chunk's own bytes), so
+    they are taken without running the cutter, which costs three times the hash. The known
+    version's last chunk is not taken so: it ended where that version did. An edit in place
+    or an append then costs a hash of the unchanged bytes; the result is always the one
+    cutting alone gives."""
+
+    def __init__(self, fd: int, known: Sequence[Chunk] = ()) -> None:
         self._fd = fd
+        #: The known chunks but the last (see above), and where the next one to look at begins:
+        #: positions only grow, so a walk along them finds each in turn.
+        self._known = known[:-1]
+        self._next_known = 0
+        self._next_start = 0
+        #: Chunks taken as known, without cutting.
+        self.recognized = 0
         self._full_size = READ_SIZE + CDC_MAX
         # Small files get a small buffer: most files in a tree are small, and zeroing a full
         # buffer per file would cost more than hashing it.
@@ -88,8 +112,9 @@ class Chunker:
                 self._filled += got
                 self.done = got < want
                 used = 0
-                for offset, length in cut(view[: self._filled], final=self.done):
-                    self.chunks.append(Chunk(hash_bytes(view[offset : offset + length]), length))
+                for offset, length, digest in self._cut(view[: self._filled]):
+                    digest = digest or hash_bytes(view[offset : offset + length])
+                    self.chunks.append(Chunk(digest, length))
                     used = offset + length
                 # Keep the undecided tail (one chunk, less than CDC_MAX bytes) at the front.
                 view[: self._filled - used] = view[used : self._filled]
@@ -100,6 +125,39 @@ class Chunker:
         finally:
             view.release()
         return self.chunks[first:]
+
+    def _cut(self, data: memoryview) -> Iterator[tuple[int, int, str | None]]:
+        """(offset, length, hash if already known) of the chunks at the start of *data* (the
+        buffer, which starts at `position`), as `cut` gives them."""
+        if not self._known:
+            for offset, length in cut(data, final=self.done):
+                yield offset, length, None
+            return
+        at, total = 0, len(data)
+        while at < total:
+            known = self._known_at(self.position + at)
+            if known is not None and at + known.size <= total:
+                digest = hash_bytes(data[at : at + known.size])
+                if digest == known.hash:
+                    self.recognized += 1
+                    yield at, known.size, digest
+                    at += known.size
+                    continue
+            length = _first_cut(data[at:])
+            if not self.done and at + length == total and length < CDC_MAX:
+                return  # cut only because the data ran out: cut again with more behind it
+            yield at, length, None
+            at += length
+
+    def _known_at(self, position: int) -> Chunk | None:
+        """The known chunk that began at *position*, if one did."""
+        known = self._known
+        while self._next_known < len(known) and self._next_start < position:
+            self._next_start += known[self._next_known].size
+            self._next_known += 1
+        if self._next_known < len(known) and self._next_start == position:
+            return known[self._next_known]
+        return None
 
     def digest(self) -> FileDigest:
         assert self.done
