@@ -155,6 +155,8 @@ async def test_a_trickled_body_ends_with_408(nursery: trio.Nursery, tmp_path: Pa
                 await stream.send_all(b"0")
     await stream.aclose()
     assert got.startswith(b"HTTP/1.1 408"), got[:200]
+    head_lines = got.split(b"\r\n\r\n")[0].lower().split(b"\r\n")
+    assert head_lines.count(b"connection: close") == 1  # said once, closed after
     await server.stop()
 
 

@@ -88,8 +88,10 @@ class CountingApp:
                 # Answered before the body came in (a refusal): Hypercorn then closes the
                 # connection after the response, without saying so, and a client that reuses
                 # it meets a connection closed under its next request.
-                headers = [*message.get("headers", ()), (b"connection", b"close")]
-                message = {**message, "headers": headers}
+                headers = list(message.get("headers", ()))
+                if not any(name.lower() == b"connection" for name, _ in headers):
+                    headers.append((b"connection", b"close"))  # unless the refusal said so
+                    message = {**message, "headers": headers}
             elif message["type"] == "http.response.body":
                 traffic.bytes_out += len(message.get("body", b""))
                 if not message.get("more_body", False):
