@@ -90,14 +90,22 @@ async def test_the_access_log_says_who_did_what_and_never_the_token(
         assert (
             await client.get("/info?x=1", headers={"Authorization": "Bearer nope"})
         ).status_code == 401
+        # The test server's token is a shared one: each client's own name tells them apart.
+        laptop = {**HEADERS, "X-Trio-Sync-Client": "laptop"}
+        assert (await client.post("/chunks", headers=laptop, content=b"")).status_code == 200
+        assert (await client.get("/info", headers=laptop)).status_code == 200
     await server.stop()
     text = path.read_text()
     lines = text.splitlines()
-    assert len(lines) == 2, text
+    assert len(lines) == 4, text
     address, name, method, target, status = lines[0].split()[2:7]
     assert (address, method, target, status) == ("127.0.0.1", '"GET', '/info"', "200")
-    assert name != "-"
+    assert name == "shared"
     assert lines[1].split()[3:7] == ["-", '"GET', '/info?x=1"', "401"]
+    assert [line.split()[3:5] for line in lines[2:]] == [
+        ["shared:laptop", '"POST'],
+        ["shared:laptop", '"GET'],
+    ]
     assert TOKEN not in text
     assert "nope" not in text
     assert path.stat().st_mode & 0o777 == 0o600

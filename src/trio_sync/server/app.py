@@ -46,7 +46,7 @@ from .auth import SESSION_COOKIE, SESSION_SECONDS, Authenticator, Stream
 from .bodies import MAX_BODY, paced
 from .hub import ChangeHub, EventPages
 from .intake import ChunkIntake
-from .metrics import CLIENT_KEY, Traffic
+from .metrics import CLIENT_HEADER, CLIENT_KEY, Traffic, logged_name
 from .prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
 from .prometheus import ServerMetrics
 from .refusals import Refusal, refusal_for
@@ -55,7 +55,6 @@ from .tokens import TokenInfo
 
 log = logging.getLogger("trio_sync.server")
 
-CLIENT_HEADER = "X-Trio-Sync-Client"
 LIST_PAGE = 1000
 EVENT_PAGE = 500
 #: Versions (or deleted paths) one `GET /history` answers with at most.
@@ -209,7 +208,8 @@ def create_app(
         if isinstance(info, Refusal):
             return _refused(info)
         g.client = info
-        request.scope[CLIENT_KEY] = info.name  # type: ignore[literal-required]
+        name = logged_name(info.name, info.shared, request.headers.get(CLIENT_HEADER))
+        request.scope[CLIENT_KEY] = name  # type: ignore[literal-required]
         return None
 
     @app.errorhandler(InvalidPath)

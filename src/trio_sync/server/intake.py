@@ -38,7 +38,7 @@ from ..protocol.models import MAX_CHUNK_SIZE, MAX_DECODED_PER_REQUEST
 from .auth import Authenticator
 from .bodies import MAX_BODY, paced
 from .hub import ChangeHub
-from .metrics import CLIENT_KEY
+from .metrics import CLIENT_HEADER, CLIENT_KEY, logged_name
 from .refusals import Refusal, refusal_for
 from .store import BlobStore, ChunkBatch
 
@@ -136,7 +136,11 @@ class ChunkIntake:
         )
         if isinstance(info, Refusal):
             return info
-        scope[CLIENT_KEY] = info.name  # type: ignore[literal-required]
+        client = headers.get(CLIENT_HEADER.lower().encode())
+        who = logged_name(
+            info.name, info.shared, None if client is None else client.decode("latin-1")
+        )
+        scope[CLIENT_KEY] = who  # type: ignore[literal-required]
         length = headers.get(b"content-length", b"").strip()
         if length.isdigit() and int(length) > MAX_BODY:
             return Refusal(413, "too_large", f"a request body is at most {MAX_BODY} bytes")

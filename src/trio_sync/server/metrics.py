@@ -25,13 +25,27 @@ from hypercorn.typing import (
     Scope,
 )
 
+from ..protocol.models import is_valid_name
+
 _HASH_IN_PATH = re.compile(r"/[0-9a-f]{64}$")
-#: One line per request once its response has ended: address, client (its token's name),
-#: request line, status, body bytes out, seconds. Never a header, so never a token.
+#: One line per request once its response has ended: address, client (`logged_name`),
+#: request line, status, body bytes out, seconds. Never the token.
 access = logging.getLogger("trio_sync.access")
 access.propagate = False
 #: Where the app puts the name of the token a request came with, in the ASGI scope.
 CLIENT_KEY = "trio_sync.client"
+#: The header by which a client using a shared token names itself.
+CLIENT_HEADER = "X-Trio-Sync-Client"
+
+
+def logged_name(token: str, shared: bool, header: str | None) -> str:
+    """Who the access log says made a request: the token's name, or for a shared token the
+    name the client gives (`CLIENT_HEADER`), as `token:client`, when it is a valid one."""
+    if shared and is_valid_name(header):
+        return f"{token}:{header}"
+    return token
+
+
 #: How long the last send of a response may take, shielded, before it is given up.
 LAST_SEND_SECONDS = 30.0
 
