@@ -28,6 +28,7 @@ from ..errors import (
 )
 from ..protocol.frames import MEDIA_TYPE, MISSING, Frame, FrameParser, frame_header
 from ..protocol.models import (
+    CLIENT_HEADER,
     MAX_HASHES_PER_QUERY,
     CommitRequest,
     FileEntry,
@@ -38,7 +39,6 @@ from ..protocol.models import (
 from ..protocol.sse import ServerSentEvent, SSEParser
 from .network import use_gathering_reads
 
-CLIENT_HEADER = "X-Trio-Sync-Client"
 #: httpcore reads a response 64 KiB at a time and each read costs a trip through h11; chunk
 #: downloads are megabytes. A class attribute, not a setting: without it this is a no-op.
 READ_SIZE = 2**20

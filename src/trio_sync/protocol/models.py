@@ -50,6 +50,8 @@ MAX_CHUNKS = 1_048_576
 MAX_INT = 2**63 - 1
 #: Names sent in headers (client name) are bounded and printable.
 MAX_NAME_LEN = 64
+#: The header by which a client that shares its token with others names itself.
+CLIENT_HEADER = "X-Trio-Sync-Client"
 #: Uploads of at least this many chunk bytes are announced before the chunks are sent (`POST
 #: /announce`), so that other clients can fetch them while the rest is still arriving. Smaller
 #: ones take less time to upload than an announcement saves. (A file sent while it is hashed is

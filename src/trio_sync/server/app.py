@@ -25,6 +25,7 @@ from ..errors import Conflict, InvalidPath, ProtocolError, StoreError
 from ..protocol.frames import MEDIA_TYPE, MISSING, RAW, frame_header
 from ..protocol.models import (
     CHUNKER,
+    CLIENT_HEADER,
     DIR,
     MAX_CHUNK_SIZE,
     MAX_COMMITS,
@@ -46,7 +47,7 @@ from .auth import SESSION_COOKIE, SESSION_SECONDS, Authenticator, Stream
 from .bodies import MAX_BODY, paced
 from .hub import ChangeHub, EventPages
 from .intake import ChunkIntake
-from .metrics import CLIENT_HEADER, CLIENT_KEY, Traffic, logged_name
+from .metrics import CLIENT_KEY, Traffic, logged_name
 from .prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
 from .prometheus import ServerMetrics
 from .refusals import Refusal, refusal_for

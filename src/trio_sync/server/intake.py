@@ -34,11 +34,11 @@ from ..core.compression import decoded_size, unpack
 from ..core.offload import Offload
 from ..errors import ProtocolError, StoreError, single_error
 from ..protocol.frames import MISSING, RAW, Frame, FrameParser
-from ..protocol.models import MAX_CHUNK_SIZE, MAX_DECODED_PER_REQUEST
+from ..protocol.models import CLIENT_HEADER, MAX_CHUNK_SIZE, MAX_DECODED_PER_REQUEST
 from .auth import Authenticator
 from .bodies import MAX_BODY, paced
 from .hub import ChangeHub
-from .metrics import CLIENT_HEADER, CLIENT_KEY, logged_name
+from .metrics import CLIENT_KEY, logged_name
 from .refusals import Refusal, refusal_for
 from .store import BlobStore, ChunkBatch
 

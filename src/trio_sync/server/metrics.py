@@ -34,8 +34,6 @@ access = logging.getLogger("trio_sync.access")
 access.propagate = False
 #: Where the app puts the name of the token a request came with, in the ASGI scope.
 CLIENT_KEY = "trio_sync.client"
-#: The header by which a client using a shared token names itself.
-CLIENT_HEADER = "X-Trio-Sync-Client"
 
 
 def logged_name(token: str, shared: bool, header: str | None) -> str:
