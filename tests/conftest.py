@@ -137,6 +137,16 @@ def start_client(
     return start
 
 
+def write(path: Path, data: bytes | str) -> None:
+    """Write *data* to *path*, making its folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records]
+
+
 def tree(root: Path) -> dict[str, bytes]:
     """Every synced file below *root* with its content (the state folder left out)."""
     out: dict[str, bytes] = {}

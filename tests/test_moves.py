@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,30 +20,33 @@ from trio_sync.protocol.models import DIR, Chunk, CommitRequest, FileEntry, Move
 from trio_sync.server import store
 from trio_sync.server.store import SQLiteMetaStore
 
-from .conftest import TOKEN, ServerHandle, eventually, in_sync, requests_between, traffic
+from .conftest import (
+    TOKEN,
+    ServerHandle,
+    eventually,
+    in_sync,
+    messages,
+    requests_between,
+    traffic,
+    write,
+)
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def write(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data.encode() if isinstance(data, str) else data)
-
-
-def messages(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records]
+Start = Callable[..., Any]
 
 
 async def test_a_moved_folder_is_one_request_and_one_rename_at_the_other_client(
-    start_client: object, server: ServerHandle, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    start_client: Start, server: ServerHandle, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     for i in range(40):
         write(a / f"album/{i % 4}/photo{i}.jpg", os.urandom(5_000))
     write(a / "album/empty.txt", "")  # no content to match it by: the move names it
     write(a / "archive/keep.txt", "stays")
-    await start_client("a")  # type: ignore[operator]
-    await start_client("b")  # type: ignore[operator]
+    await start_client("a")
+    await start_client("b")
     await in_sync(a, b)
     inode = os.stat(b / "album/3/photo7.jpg").st_ino
 
@@ -83,12 +88,12 @@ async def test_a_moved_folder_is_one_request_and_one_rename_at_the_other_client(
 
 
 async def test_a_move_of_a_folder_not_yet_synced_goes_path_by_path(
-    start_client: object, server: ServerHandle, tmp_path: Path
+    start_client: Start, server: ServerHandle, tmp_path: Path
 ) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     write(a / "docs/one.txt", "one")
-    await start_client("a")  # type: ignore[operator]
-    await start_client("b")  # type: ignore[operator]
+    await start_client("a")
+    await start_client("b")
     await in_sync(a, b)
 
     before = await traffic(server)
@@ -131,14 +136,14 @@ def test_a_folder_is_renamed_only_if_it_holds_what_was_synced(tmp_path: Path) ->
 
 
 async def test_a_folder_with_a_change_not_yet_sent_is_not_renamed_and_the_change_stays(
-    start_client: object, server: ServerHandle, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    start_client: Start, server: ServerHandle, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     for i in range(5):
         write(a / f"docs/{i}.txt", f"file {i}")
-    await start_client("a")  # type: ignore[operator]
+    await start_client("a")
     # A file still open for writing waits a minute here before it is sent.
-    await start_client("b", settle_seconds=60, settle_max_seconds=120)  # type: ignore[operator]
+    await start_client("b", settle_seconds=60, settle_max_seconds=120)
     await in_sync(a, b)
 
     caplog.set_level(logging.INFO)

@@ -25,22 +25,15 @@ from .conftest import (
     ServerHandle,
     eventually,
     in_sync,
+    messages,
     open_fds_to,
     requests_between,
     traffic,
     tree,
+    write,
 )
 
 Start = Callable[..., Any]
-
-
-def write(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data.encode() if isinstance(data, str) else data)
-
-
-def messages(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records]
 
 
 async def test_initial_sync_goes_both_ways(start_client: Start, tmp_path: Path) -> None:

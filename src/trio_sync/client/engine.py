@@ -524,7 +524,8 @@ class Engine:
             entries = await remote.move(request)
             for entry in entries:
                 self._know(entry)
-            below = [p for p in self.index.paths() if moves.at_or_below(p, source)]
+            # The plan made sure the index holds exactly the paths the request names.
+            below = [f"{source}/{rel}" if rel else source for rel in request.expect]
             await self.index.replace_many(
                 below, moves.moved_bases(self.index, source, target, entries)
             )
