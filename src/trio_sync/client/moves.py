@@ -35,7 +35,7 @@ from ..core.renames import rename_noreplace
 from ..errors import TrioSyncError
 from ..protocol.models import DIR, MAX_MOVE, MAX_MOVE_CHUNKS, FileEntry, MoveRequest
 from .index import BaseEntry, Index, StatKey
-from .scanner import anchored, stat_key
+from .scanner import anchored, as_synced
 
 #: A move whose events stopped coming before its end is let go of after this many seconds.
 HOLD_SECONDS = 30.0
@@ -267,14 +267,9 @@ def rename_folder(
     """Rename folder *source* to *target* if every path of *checks* is as it was synced, and
     make the rename durable; False (nothing changed) if something differs or is in the way.
     Blocking."""
+    if not all(as_synced(root, path, key) for path, key in checks):
+        return False
     try:
-        for path, key in checks:
-            with anchored(root, path) as p:
-                st = os.lstat(p)
-            if key is None and not stat.S_ISDIR(st.st_mode):
-                return False
-            if key is not None and (not stat.S_ISREG(st.st_mode) or stat_key(st) != key):
-                return False
         with anchored(root, source) as old, anchored(root, target) as new:
             if not stat.S_ISDIR(os.lstat(old).st_mode):
                 return False

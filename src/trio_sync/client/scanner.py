@@ -81,6 +81,19 @@ def stat_key(st: os.stat_result) -> StatKey:
     return StatKey(st.st_size, st.st_mtime_ns, st.st_ino, bool(st.st_mode & stat.S_IXUSR))
 
 
+def as_synced(root: Path, path: str, key: StatKey | None) -> bool:
+    """Whether *path* is still a regular file whose stat is *key* (with None: a real folder).
+    Blocking."""
+    try:
+        with anchored(root, path) as full:
+            st = os.lstat(full)
+    except (OSError, Unsyncable):
+        return False
+    if key is None:
+        return stat.S_ISDIR(st.st_mode)
+    return stat.S_ISREG(st.st_mode) and stat_key(st) == key
+
+
 def _known(base: BaseEntry | None) -> tuple[Chunk, ...]:
     """The chunks the file had when last synced: most of an edited file still has them."""
     return base.chunks if base is not None and not base.is_dir else ()
@@ -256,16 +269,7 @@ class Scanner:
     def unchanged(self, known: list[tuple[str, StatKey]]) -> list[bool]:
         """For each (path, key): whether *path* is still a regular file whose stat is *key*.
         Many at once, since one thread call costs more than a stat. Blocking."""
-        same = []
-        for path, key in known:
-            try:
-                with anchored(self.root, path) as full:
-                    st = os.lstat(full)
-            except (OSError, Unsyncable):
-                same.append(False)
-                continue
-            same.append(stat.S_ISREG(st.st_mode) and stat_key(st) == key)
-        return same
+        return [as_synced(self.root, path, key) for path, key in known]
 
     def _scan_whole(self, path: str, base: BaseEntry | None) -> LocalFile | None:
         found = self._scan(path, base, None)
