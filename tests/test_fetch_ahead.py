@@ -544,10 +544,15 @@ async def test_a_fetch_ahead_asks_for_two_windows_at_once(
     await start_client("b")
     async with http(server, "A") as a:
         await send_ahead(server, a, "big.bin", pieces, later)
-        await eventually(lambda: partial.exists() and partial.stat().st_size == len(content))
-        with partial.open("rb") as f:
-            f.seek(size)
-            assert f.read() == content[size:]
+
+        # The partial file has its full size from the start: wait for the bytes themselves.
+        def later_bytes() -> bytes:
+            with partial.open("rb") as f:
+                f.seek(size)
+                return f.read()
+
+        await eventually(lambda: partial.exists() and later_bytes() == content[size:])
+        assert later_bytes() == content[size:]
         await upload(a, pieces[:first_window])
         await eventually(lambda: partial.read_bytes() == content)
 
