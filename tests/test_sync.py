@@ -281,6 +281,35 @@ async def test_a_restarted_client_looks_at_unchanged_files_together_and_finds_th
     assert len(tree(b)) == 299
 
 
+async def test_a_file_touched_or_rewritten_unchanged_is_remembered_with_its_new_stat(
+    start_client: Start, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    an_hour_ago = time.time_ns() - 3600 * 10**9
+    write(a / "same.txt", "same bytes")
+    os.utime(a / "same.txt", ns=(an_hour_ago, an_hour_ago))
+    client = await start_client("a")
+    await start_client("b")
+    await eventually(lambda: (b / "same.txt").exists())
+    # Touched, then written again with the same bytes: the content is the base's both times.
+    touched = an_hour_ago + 10**9
+    os.utime(a / "same.txt", ns=(touched, touched))
+    await eventually(lambda: client.engine.index.get("same.txt").mtime_ns == touched)
+    entry = client.engine.index.get("same.txt")
+    assert not entry.racy
+    assert entry.rev == 1
+    write(a / "same.txt", "same bytes")
+    now = (a / "same.txt").stat().st_mtime_ns
+    await eventually(lambda: client.engine.index.get("same.txt").mtime_ns == now)
+    assert client.engine.index.get("same.txt").racy  # written just now: read again next time
+    await client.stop()
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+    await start_client("a")
+    assert not [m for m in messages(caplog) if m.startswith("uploaded")]
+    assert (b / "same.txt").read_text() == "same bytes"
+
+
 async def test_state_folder_and_temp_files_never_leave_the_client(
     server: ServerHandle, start_client: Start, tmp_path: Path
 ) -> None:

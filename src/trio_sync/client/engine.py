@@ -777,8 +777,15 @@ class Engine:
                 path, action.value, why, _brief(base), _brief(local), _brief(remote),
             )  # fmt: skip
         if action is Action.NOTHING:
-            if base is not None and local is not None and base.racy:
-                await self.index.put(replace(base, racy=is_racy(local.stat.mtime_ns)))
+            # The content is the base's. If the stat is not (touched, or written again with the
+            # same bytes), remember the new one, or every later look would read the file again.
+            if base is not None and local is not None:
+                stat = local.stat
+                if base.racy or stat != base.stat_key:
+                    racy = is_racy(stat.mtime_ns)
+                    await self.index.put(
+                        replace(base, mtime_ns=stat.mtime_ns, inode=stat.inode, racy=racy)
+                    )
         elif action is Action.ADOPT:
             assert remote is not None
             assert local is not None
