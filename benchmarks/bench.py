@@ -38,6 +38,9 @@ from links import available as links_available
 from report import cpu_seconds, peak_rss_mib, stop_processes, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Where each run of ours leaves its processes' logs (the last run of each workload), so that a
+#: figure out of line can be looked into after the run's temporary folder is gone.
+LOGS = ROOT / ".bench-logs"
 # Where the hand-written analysis starts in docs/benchmarks.md; a new run keeps it.
 NOTES_MARKER = "## Notes on these figures"
 MiB = 1024 * 1024
@@ -215,9 +218,10 @@ class Ours:
     in its own namespace with its own link to the server's (*links*, over TLS as any server
     reached from another machine is)."""
 
-    def __init__(self, work: Path, links: Links | None = None) -> None:
+    def __init__(self, work: Path, links: Links | None = None, *, label: str = "") -> None:
         self.work, self.a, self.b = work, work / "a", work / "b"
         self.links = links
+        self.label = label
         self.procs = Procs()
         try:
             log = work / "server.log"
@@ -291,8 +295,17 @@ class Ours:
 
     def close(self) -> None:
         self.procs.stop()
+        self.keep_logs()
         if tree_digest(self.a) != tree_digest(self.b):
             raise AssertionError("A and B differ after sync")
+
+    def keep_logs(self) -> None:
+        where = "loopback" if self.links is None else self.links.rate
+        kept = LOGS / re.sub(r"[^\w.-]+", "-", f"{where} {self.label}").strip("-")
+        shutil.rmtree(kept, ignore_errors=True)
+        kept.mkdir(parents=True)
+        for log in self.work.glob("*.log"):
+            shutil.copy(log, kept / log.name)
 
 
 def timed(
@@ -436,7 +449,7 @@ def measure_workload(
             finally:
                 rsync.close()
             shutil.rmtree(rsync.dest)
-        ours = Ours(work, links)
+        ours = Ours(work, links, label=workload.name)
         try:
             result = ours.sync(lambda: os.rename(staging, ours.a / "data"))
             result.update(ours.peak_rss())
@@ -479,7 +492,7 @@ def measure_edits(quick: bool, links: Links | None = None) -> list[Row]:
             rsync = Rsync(work, links)
             rsync.send(rsync_source)  # the synced starting point, not timed
         st = Syncthing(work) if syncthing.installed() and links is None else None
-        ours = Ours(work, links)
+        ours = Ours(work, links, label="edits")
         try:
             edit_tree(work / "staging", quick)
             ours.sync(lambda: os.rename(work / "staging", ours.a / "data"))
@@ -702,6 +715,7 @@ def write_report(
         " folder again, with every written file fsynced as ours are (workloads only).",
         "- Peak RSS is each process's `VmHWM` from `/proc/PID/status`; for the edits it covers"
         " the whole session (initial sync of the tree and all four edits).",
+        "- The logs of our processes in each workload's last run are left in `.bench-logs/`.",
         f"- Machine: {os.cpu_count()} cores, Python {platform.python_version()},"
         f" {platform.system()} {platform.release()}; run on {time.strftime('%Y-%m-%d')}.",
         "",
