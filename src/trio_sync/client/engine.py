@@ -777,8 +777,8 @@ class Engine:
                 path, action.value, why, _brief(base), _brief(local), _brief(remote),
             )  # fmt: skip
         if action is Action.NOTHING:
-            # The content is the base's. If the stat is not (touched, or written again with the
-            # same bytes), remember the new one, or every later look would read the file again.
+            # The content is the base's. If the stat is not (the file was touched, or written
+            # again with the same bytes), keep the new one: else every later look reads it all.
             if base is not None and local is not None:
                 stat = local.stat
                 if base.racy or stat != base.stat_key:
