@@ -553,7 +553,10 @@ class Transfer:
                         return await _Arriving(self, fd, announced, held).run()
                     finally:
                         os.close(fd)
-                        if announced.broken:  # no version will be known by it: of no use
+                        # Of no use: no version will be known by it, or a newer version of the
+                        # path was announced (whose fetch-ahead may have looked for older
+                        # partial files to drop before this one was made).
+                        if announced.broken or scope.cancel_called:
                             self._partials.forget(work)
                             with trio.CancelScope(shield=True):
                                 await self._thread(unlink_quietly, work)
