@@ -260,12 +260,20 @@ async def test_a_server_told_to_keep_chunks_out_of_the_page_cache(
     chunks = [p for p in (tmp_path / "data/chunks").rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in chunks) == 3 * 1024 * 1024 + 5
     assert max(p.stat().st_size for p in chunks) >= DIRECT_MIN
+    # The kernel may reclaim cached pages at any time (this VM's kdamond does), so the direct
+    # store is held to at most the pages it may leave, and the cached one, the control that
+    # mincore sees pages at all, to most of its pages.
+    pages = resident = 0
     for chunk in chunks:
         size = chunk.stat().st_size
         whole = -(-size // mmap.PAGESIZE)
+        pages += whole
+        resident += resident_pages(chunk)
         # A file's last chunk may be small: files under DIRECT_MIN go through the cache whole.
-        kept = whole if cached or size < DIRECT_MIN else min(whole, 1)
-        assert resident_pages(chunk) == kept
+        if not cached:
+            assert resident_pages(chunk) <= (whole if size < DIRECT_MIN else 1)
+    if cached:
+        assert resident >= pages // 2
 
 
 async def test_server_on_a_port_in_use_says_so(tmp_path: Path) -> None:
